@@ -1,0 +1,45 @@
+# pgrelay — `make run` for a live demo, `make test` for the suite.
+# Every target installs what it needs first; nothing else is required on a
+# fresh Debian machine with Python >= 3.11.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: help venv postgres test lint migrate clean
+
+help:
+	@echo "make test     install what the tests need, then run them against a real PostgreSQL"
+	@echo "make lint     ruff + mypy"
+	@echo "make migrate  apply sql/ to \$$PGRELAY_DATABASE_URL (or libpq's PG* variables)"
+
+$(STAMP):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "pgrelay needs Python >= 3.11 (found: $$($(PYTHON) --version))"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,lint]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+venv: $(STAMP)
+
+# A PostgreSQL server for the tests: PGRELAY_TEST_DSN, local server binaries,
+# or a Docker engine; when there is none, install Debian's server packages.
+postgres:
+	@scripts/ensure-postgres.sh
+
+test: venv postgres
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check relay tests
+	$(BIN)/ruff format --check relay tests
+	$(BIN)/mypy
+
+migrate: venv
+	$(BIN)/pgrelay migrate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,56 @@
+"""The `pgrelay` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from relay.errors import RelayError
+
+
+def _database_url(arg: str | None) -> str:
+    """--database-url, else PGRELAY_DATABASE_URL, else "" (libpq's PG* variables)."""
+    return arg or os.environ.get("PGRELAY_DATABASE_URL", "")
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from relay.migrate import migrate
+
+    result = migrate(_database_url(args.database_url), dry_run=args.dry_run, log=print)
+    if not result.applied:
+        print(f"up to date ({result.already_applied} migrations applied)")
+    elif args.dry_run:
+        print(f"{len(result.applied)} pending migration(s); nothing applied (--dry-run)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgrelay",
+        description="Relay org-scoped signals from a Postgres events table to WebSocket clients.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("migrate", help="apply the SQL schema (idempotent)")
+    p.add_argument(
+        "--database-url",
+        help="libpq URL or DSN (default: $PGRELAY_DATABASE_URL, else libpq's PG* variables)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="list pending migrations, apply none")
+    p.set_defaults(func=_cmd_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except RelayError as exc:
+        print(f"pgrelay {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""Pure core: no trio, no psycopg, no sockets, no clock reads."""

@@ -1,0 +1,1 @@
+"""WebSocket server shell over wsproto, for trio."""
