@@ -1,0 +1,325 @@
+"""Snapshots, resume cursors and the resume decision.
+
+A `Snapshot` is Postgres' `pg_snapshot`: a row written by transaction `xid`
+is visible in it when `xid < xmax` and `xid` is not in `xip` (rows of aborted
+transactions do not exist, so "visible" here means "committed before").
+
+A resume cursor is an opaque, url-safe string naming a database epoch and a
+snapshot: `"1." + base64url(varint fields)`, no padding, one canonical spelling
+per value. Decoding junk returns a `BadCursor` value; it never raises.
+
+`plan_resume` turns the cursor a client sent with `subscribe` into what the
+shell must do: start live (`Fresh`), replay rows not visible in the cursor
+(`Replay`), or tell the client to refresh (`Resync`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = [
+    "CURSOR_VERSION",
+    "MAX_CURSOR_CHARS",
+    "MAX_CURSOR_XIP",
+    "MAX_EPOCH_BYTES",
+    "MAX_XID",
+    "TOO_FAR_BEHIND",
+    "BadCursor",
+    "Cursor",
+    "Fresh",
+    "Replay",
+    "ResumePlan",
+    "Resync",
+    "ResyncReason",
+    "Snapshot",
+    "decode_cursor",
+    "plan_resume",
+]
+
+MAX_XID = 2**64 - 1
+"""Largest xid8 value (64-bit, never wraps)."""
+
+CURSOR_VERSION = "1"
+"""Version prefix of the cursors this module writes."""
+
+MAX_CURSOR_CHARS = 4096
+"""Longest cursor string accepted or produced."""
+
+MAX_CURSOR_XIP = 1024
+"""Most in-progress xids a cursor carries; larger snapshots are narrowed."""
+
+MAX_EPOCH_BYTES = 255
+"""Longest epoch (UTF-8 bytes) a cursor can carry."""
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+class ResyncReason(StrEnum):
+    """Why a client must do a full refresh (the `reason` of a `resync` frame)."""
+
+    CURSOR_EXPIRED = "cursor_expired"
+    TOO_FAR_BEHIND = "too_far_behind"
+    OVERFLOW = "overflow"
+    EPOCH_CHANGED = "epoch_changed"
+    BAD_CURSOR = "bad_cursor"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A Postgres `pg_snapshot` (xid8 values). Invalid values raise ValueError."""
+
+    xmin: int
+    """Lowest xid still in progress (every xid below it has finished)."""
+    xmax: int
+    """First xid not yet assigned; it and everything above are invisible."""
+    xip: tuple[int, ...] = ()
+    """In-progress xids, strictly increasing, each in [xmin, xmax)."""
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.xmin <= self.xmax <= MAX_XID):
+            raise ValueError(f"snapshot needs 0 <= xmin <= xmax <= 2^64-1: {self}")
+        previous = self.xmin - 1
+        for xid in self.xip:
+            if not (previous < xid < self.xmax):
+                raise ValueError(f"snapshot xip must increase within [xmin, xmax): {self}")
+            previous = xid
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        """Parse the `pg_snapshot` text form `"xmin:xmax:xip1,xip2"`."""
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"not a pg_snapshot: {text!r}")
+        xip = tuple(_parse_xid(x) for x in parts[2].split(",")) if parts[2] else ()
+        return cls(_parse_xid(parts[0]), _parse_xid(parts[1]), xip)
+
+    def visible(self, xid: int) -> bool:
+        """Whether a row written by committed transaction `xid` is visible."""
+        return xid < self.xmax and xid not in self.xip
+
+    @property
+    def first_invisible(self) -> int:
+        """Smallest xid not visible in this snapshot."""
+        return self.xip[0] if self.xip else self.xmax
+
+    def narrowed(self, max_xip: int) -> Snapshot:
+        """An equal or more conservative snapshot with at most `max_xip` xip entries.
+
+        It sees a subset of what this one sees (xmax drops to the first
+        dropped xip), so resuming from it may repeat rows but never skips one.
+        """
+        if len(self.xip) <= max_xip:
+            return self
+        return Snapshot(self.xmin, self.xip[max_xip], self.xip[:max_xip])
+
+    def __str__(self) -> str:
+        return f"{self.xmin}:{self.xmax}:{','.join(map(str, self.xip))}"
+
+
+def _parse_xid(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 20:
+        raise ValueError(f"not an xid8: {text!r}")
+    value = int(text)
+    if value > MAX_XID:
+        raise ValueError(f"xid8 out of range: {text!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class BadCursor:
+    """A cursor string that could not be decoded."""
+
+    message: str
+    """Why, for logs (never echoed with the cursor itself)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A decoded resume cursor."""
+
+    epoch: str
+    """Identifies the database (e.g. system_identifier and timeline)."""
+    snapshot: Snapshot
+    """Rows not visible in it are the ones the client has not seen."""
+
+    def encode(self) -> str:
+        """The opaque, url-safe text form; never longer than MAX_CURSOR_CHARS.
+
+        A snapshot with too many in-progress xids is narrowed first (see
+        `Snapshot.narrowed`), which only ever costs repeated events.
+        """
+        epoch = self.epoch.encode("utf-8")
+        if len(epoch) > MAX_EPOCH_BYTES:
+            raise ValueError(f"epoch longer than {MAX_EPOCH_BYTES} bytes")
+        snapshot = self.snapshot.narrowed(MAX_CURSOR_XIP)
+        while True:
+            text = _encode(epoch, snapshot)
+            if len(text) <= MAX_CURSOR_CHARS:
+                return text
+            snapshot = snapshot.narrowed(len(snapshot.xip) // 2)
+
+
+def _encode(epoch: bytes, snapshot: Snapshot) -> str:
+    out = bytearray()
+    _put_varint(out, len(epoch))
+    out += epoch
+    _put_varint(out, snapshot.xmin)
+    _put_varint(out, snapshot.xmax - snapshot.xmin)
+    _put_varint(out, len(snapshot.xip))
+    previous = snapshot.xmin - 1
+    for xid in snapshot.xip:
+        _put_varint(out, xid - previous - 1)
+        previous = xid
+    body = base64.urlsafe_b64encode(out).rstrip(b"=").decode("ascii")
+    return f"{CURSOR_VERSION}.{body}"
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def varint(self) -> int | None:
+        value = 0
+        for shift in range(0, 70, 7):
+            if self.pos >= len(self.data):
+                return None
+            byte = self.data[self.pos]
+            self.pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value if value <= MAX_XID else None
+        return None
+
+    def take(self, n: int) -> bytes | None:
+        if n > len(self.data) - self.pos:
+            return None
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+
+def decode_cursor(text: object) -> Cursor | BadCursor:
+    """Decode a cursor string. Any junk (any type, any text) gives BadCursor."""
+    if not isinstance(text, str):
+        return BadCursor("cursor must be a string")
+    if len(text) > MAX_CURSOR_CHARS:
+        return BadCursor("cursor too long")
+    version, dot, body = text.partition(".")
+    if not dot or version != CURSOR_VERSION:
+        return BadCursor("unknown cursor version")
+    if not _B64URL.fullmatch(body) or len(body) % 4 == 1:
+        return BadCursor("cursor is not base64url")
+    try:
+        data = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (binascii.Error, ValueError):
+        return BadCursor("cursor is not base64url")
+    cursor = _decode_fields(_Reader(data))
+    if isinstance(cursor, BadCursor):
+        return cursor
+    # One spelling per value: rejects overlong varints, stray bits, narrowing.
+    if _encode(cursor.epoch.encode("utf-8"), cursor.snapshot) != text:
+        return BadCursor("cursor is not canonical")
+    return cursor
+
+
+def _decode_fields(reader: _Reader) -> Cursor | BadCursor:
+    epoch_len = reader.varint()
+    if epoch_len is None or epoch_len > MAX_EPOCH_BYTES:
+        return BadCursor("bad epoch length")
+    raw_epoch = reader.take(epoch_len)
+    xmin = reader.varint()
+    span = reader.varint()
+    count = reader.varint()
+    if raw_epoch is None or xmin is None or span is None or count is None:
+        return BadCursor("cursor truncated")
+    if count > MAX_CURSOR_XIP:
+        return BadCursor("too many xip entries")
+    xip: list[int] = []
+    previous = xmin - 1
+    for _ in range(count):
+        gap = reader.varint()
+        if gap is None:
+            return BadCursor("cursor truncated")
+        previous += gap + 1
+        xip.append(previous)
+    if reader.pos != len(reader.data):
+        return BadCursor("trailing bytes in cursor")
+    try:
+        epoch = raw_epoch.decode("utf-8")
+        snapshot = Snapshot(xmin, xmin + span, tuple(xip))
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        return BadCursor(f"invalid cursor contents: {exc.__class__.__name__}")
+    return Cursor(epoch, snapshot)
+
+
+@dataclass(frozen=True, slots=True)
+class Fresh:
+    """No cursor: start live at the head snapshot; nothing is replayed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Replay the org's rows not visible in `since`, in order, then go live."""
+
+    since: Snapshot
+    """The client's cursor snapshot."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """Send `resync` with a fresh cursor; the subscription still goes live."""
+
+    reason: ResyncReason
+    """The `reason` field of the resync frame."""
+
+
+ResumePlan = Fresh | Replay | Resync
+
+TOO_FAR_BEHIND = Resync(ResyncReason.TOO_FAR_BEHIND)
+"""The plan the shell substitutes when a replay would exceed its limit."""
+
+
+def plan_resume(
+    cursor_text: str | None,
+    *,
+    epoch: str,
+    head: Snapshot,
+    retention_horizon: int | None,
+) -> ResumePlan:
+    """Decide how a subscription starts.
+
+    `head` must be a snapshot taken now (e.g. in the catch-up transaction),
+    not an older one: a cursor issued by another daemon a moment ago must not
+    look like it comes from the future. `retention_horizon` is the largest
+    xid retention has deleted for the org (None: nothing deleted).
+    """
+    if cursor_text is None:
+        return Fresh()
+    cursor = decode_cursor(cursor_text)
+    if isinstance(cursor, BadCursor):
+        return Resync(ResyncReason.BAD_CURSOR)
+    if cursor.epoch != epoch:
+        return Resync(ResyncReason.EPOCH_CHANGED)
+    since = cursor.snapshot
+    if since.xmax > head.xmax:
+        # From the future: another database, or a backup restored under us.
+        return Resync(ResyncReason.BAD_CURSOR)
+    # Deleted rows all have xid <= horizon. One of them is lost to the client
+    # exactly when some xid <= horizon is invisible in the cursor.
+    if retention_horizon is not None and retention_horizon >= since.first_invisible:
+        return Resync(ResyncReason.CURSOR_EXPIRED)
+    return Replay(since)

@@ -1,0 +1,168 @@
+"""Bounded per-connection outbox."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.core.cursor import ResyncReason
+from relay.core.outbox import Outbox, OutboxLimits, PushResult
+from relay.core.protocol import EventRow, encode_event, encode_pong
+
+A = uuid.UUID(int=1)
+B = uuid.UUID(int=2)
+
+
+def row(id: int, org: uuid.UUID = A, entity_id: str = "42") -> EventRow:
+    return EventRow(id, org, "job.updated", "job", entity_id, None, '{"n":1}', "t", id)
+
+
+def push(box: Outbox, r: EventRow, now: float = 0.0, cursor: str | None = None) -> PushResult:
+    cur = cursor or f"cur{r.id}"
+    return box.push_event(r, cur, encode_event(r, cur), now)
+
+
+def drain(box: Outbox) -> list[dict[str, Any]]:
+    return [json.loads(f) for f in box.pop_ready(10**9, 0.0)]
+
+
+def test_fifo_below_the_bound() -> None:
+    box = Outbox()
+    assert box.push_frame(encode_pong("1"), 0.0) is PushResult.QUEUED
+    assert push(box, row(1)) is PushResult.QUEUED
+    assert len(box) == 2 and box.pending_bytes > 0
+    assert [f["type"] for f in drain(box)] == ["pong", "event"]
+    assert len(box) == 0 and box.pending_bytes == 0
+
+
+def test_pop_ready_batches_up_to_max_bytes_but_at_least_one() -> None:
+    box = Outbox()
+    for i in range(5):
+        push(box, row(i, entity_id=str(i)))
+    size = len(encode_event(row(0, entity_id="0"), "cur0"))
+    assert len(box.pop_ready(2 * size + 1, 0.0)) == 2
+    assert len(box.pop_ready(1, 0.0)) == 1
+    assert len(box) == 2
+
+
+def test_overflow_first_coalesces_same_key_keeping_newest_with_count() -> None:
+    box = Outbox(OutboxLimits(max_frames=3))
+    push(box, row(1, entity_id="42"))
+    push(box, row(2, entity_id="43"))
+    push(box, row(3, entity_id="42"))
+    assert push(box, row(4, entity_id="42")) is PushResult.COALESCED
+    frames = drain(box)
+    assert [(f["id"], f.get("coalesced", 1), f["cursor"]) for f in frames] == [
+        (2, 1, "cur2"),
+        (4, 3, "cur4"),
+    ]
+
+
+def test_overflow_collapses_an_org_into_a_single_resync_and_never_grows() -> None:
+    limits = OutboxLimits(max_frames=10, max_overflows=100)
+    box = Outbox(limits)
+    results = []
+    for i in range(50):
+        results.append(push(box, row(i, A, entity_id=str(i))))
+        assert len(box) <= limits.max_frames
+        assert box.pending_bytes <= limits.max_bytes
+    assert PushResult.RESYNCED in results
+    frames = drain(box)
+    resyncs = [f for f in frames if f["type"] == "resync"]
+    assert len(resyncs) == 1
+    assert resyncs[0]["reason"] == "overflow" and resyncs[0]["org"] == str(A)
+    # Nothing before the resync is an event; everything after it is newer than its cursor.
+    position = frames.index(resyncs[0])
+    assert position == 0
+    assert all(f["id"] > int(resyncs[0]["cursor"][3:]) for f in frames[1:])
+    assert frames[-1]["id"] == 49
+
+
+def test_the_heaviest_org_is_collapsed_and_control_frames_survive() -> None:
+    box = Outbox(OutboxLimits(max_frames=6))
+    box.push_frame(encode_pong("p"), 0.0)
+    push(box, row(1, B, "b1"))
+    for i in range(2, 7):
+        result = push(box, row(i, A, f"a{i}"))
+    assert result is PushResult.RESYNCED
+    frames = drain(box)
+    assert [f["type"] for f in frames] == ["pong", "event", "resync"]
+    assert frames[1]["org"] == str(B)
+    assert frames[2] == {"type": "resync", "org": str(A), "reason": "overflow", "cursor": "cur6"}
+
+
+def test_repeated_overflows_make_the_connection_hopeless() -> None:
+    box = Outbox(OutboxLimits(max_frames=2, max_overflows=2, overflow_window_s=10.0))
+    outcomes = [push(box, row(i, A, str(i)), now=float(i) * 0.1) for i in range(12)]
+    assert PushResult.HOPELESS in outcomes
+    assert len(box) <= 2
+
+
+def test_overflows_outside_the_window_are_forgotten() -> None:
+    box = Outbox(OutboxLimits(max_frames=2, max_overflows=1, overflow_window_s=1.0))
+    outcomes = []
+    for i in range(40):
+        outcomes.append(push(box, row(i, A, str(i)), now=float(i) * 10))
+        box.pop_ready(10**9, float(i) * 10) if i % 3 == 0 else None
+    assert PushResult.HOPELESS not in outcomes
+
+
+def test_only_control_frames_over_the_bound_is_hopeless() -> None:
+    box = Outbox(OutboxLimits(max_frames=2))
+    box.push_frame(encode_pong("1"), 0.0)
+    box.push_frame(encode_pong("2"), 0.0)
+    assert box.push_frame(encode_pong("3"), 0.0) is PushResult.HOPELESS
+    assert len(box) == 2
+
+
+def test_stalled_when_nothing_popped_for_too_long() -> None:
+    box = Outbox(OutboxLimits(max_stall_s=30.0))
+    assert not box.stalled(100.0)
+    push(box, row(1), now=100.0)
+    assert not box.stalled(129.9)
+    box.pop_ready(1, 120.0)
+    assert not box.stalled(200.0)  # empty: nothing waits
+    push(box, row(2), now=125.0)  # into an empty outbox: the clock starts again
+    assert not box.stalled(154.9)
+    assert box.stalled(155.0)
+
+
+def test_push_resync_supersedes_the_orgs_pending_events() -> None:
+    box = Outbox()
+    push(box, row(1, A, "x"))
+    push(box, row(2, B, "y"))
+    box.push_resync(A, ResyncReason.TOO_FAR_BEHIND, "fresh", 0.0)
+    box.push_resync(A, ResyncReason.OVERFLOW, "fresher", 0.0)
+    frames = drain(box)
+    assert [(f["type"], f["org"]) for f in frames] == [("event", str(B)), ("resync", str(A))]
+    assert frames[1]["cursor"] == "fresher"
+
+
+@settings(max_examples=50)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["event", "pong", "pop"]),
+            st.sampled_from([A, B, uuid.UUID(int=3)]),
+            st.sampled_from(["1", "2", "3", "4"]),
+        ),
+        max_size=120,
+    )
+)
+def test_bounds_always_hold(ops: list[tuple[str, uuid.UUID, str]]) -> None:
+    limits = OutboxLimits(max_frames=8, max_bytes=2000)
+    box = Outbox(limits)
+    for i, (op, org, entity) in enumerate(ops):
+        if op == "event":
+            push(box, row(i, org, entity), now=i * 0.01)
+        elif op == "pong":
+            box.push_frame(encode_pong(str(i)), i * 0.01)
+        else:
+            box.pop_ready(300, i * 0.01)
+        assert len(box) <= limits.max_frames
+        assert box.pending_bytes <= limits.max_bytes
+        assert box.pending_bytes == sum(len(e.frame) for e in box._entries)
