@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from relay.errors import RelayError
+from relay.errors import ConfigError, RelayError
 
 
 def _database_url(arg: str | None) -> str:
@@ -26,6 +26,20 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from relay import config, logs
+    from relay.daemon import Daemon
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    settings = config.load(flags, os.environ, args.config)
+    logs.configure(settings.log_level, settings.log_format)
+    daemon = Daemon(settings)
+    trio.run(daemon.run)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgrelay",
@@ -40,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="list pending migrations, apply none")
     p.set_defaults(func=_cmd_migrate)
+
+    p = sub.add_parser("serve", help="run the relay daemon")
+    from relay import config
+
+    config.add_arguments(p)
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -49,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
+    except ConfigError as exc:
+        print(f"pgrelay {args.command}: bad setting: {exc}", file=sys.stderr)
+        return 2
     except RelayError as exc:
         print(f"pgrelay {args.command}: {exc}", file=sys.stderr)
         return 1

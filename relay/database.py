@@ -97,12 +97,12 @@ class Database:
     async def close(self) -> None:
         await trio.to_thread.run_sync(lambda: self.pool.close(timeout=5), abandon_on_cancel=True)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` in a worker thread on a pooled connection."""
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(conn, *args, **kwargs)`` in a worker thread on a pooled connection."""
 
         def call() -> T:
             with self.pool.connection() as conn:
-                return fn(conn, *args)
+                return fn(conn, *args, **kwargs)
 
         return await trio.to_thread.run_sync(call, limiter=self.limiter)
 

@@ -1,0 +1,215 @@
+"""Settings of `pgrelay serve`, read once at start and validated.
+
+Each setting has one name in each place it can be given: a `--flag`, a
+`PGRELAY_*` environment variable, and a key of the optional TOML file
+(`--config`). Precedence: flag > environment > file > default. A malformed
+value stops the start with an error naming the setting. Nothing else in the
+package reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from relay.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_host_port(text: str) -> HostPort:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8765")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"port {port!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range")
+    return HostPort(host, number)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a finite number >= 0")
+    return value
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    items = tuple(o.strip() for o in text.split(",") if o.strip())
+    for origin in items:
+        if not origin.startswith(("http://", "https://")) or origin.endswith("/"):
+            raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+    return items
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+def _role_name(text: str) -> str:
+    if not text or len(text) > 63:
+        raise ValueError("must be a role name of 1 to 63 characters")
+    return text
+
+
+def _text(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `pgrelay serve` can be told. Field name = TOML key;
+    PGRELAY_<FIELD NAME IN UPPER CASE> = environment variable; --field-name = flag."""
+
+    database_url: str = ""
+    listen: HostPort = HostPort("127.0.0.1", 8765)
+    admin_listen: HostPort = HostPort("127.0.0.1", 8766)
+    jwt_secret: str | None = None
+    jwt_public_key_file: str | None = None
+    jwt_jwks_file: str | None = None
+    jwt_algorithms: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_s: float = 30.0
+    subscriber_role: str = "relay_subscriber"
+    allowed_origins: tuple[str, ...] = ()
+    poll_interval_ms: int = 1000
+    recheck_interval_s: float = 60.0
+    auth_timeout_s: float = 10.0
+    replay_limit: int = 10_000
+    pool_size: int = 4
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 1_000
+    max_subscriptions: int = 100
+    max_message_bytes: int = 4096
+    max_pending_bytes: int = 1_048_576
+    shutdown_timeout_s: float = 10.0
+    log_level: str = "info"
+    log_format: str = "auto"
+
+
+#: How each field is parsed from text (flag, environment) and what it means.
+_PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "database_url": (_text, "libpq URL or DSN of the database (else libpq's PG* variables)"),
+    "listen": (parse_host_port, "WebSocket HOST:PORT"),
+    "admin_listen": (parse_host_port, "admin HTTP HOST:PORT (/healthz, /readyz, /metrics)"),
+    "jwt_secret": (_text, "HS256 secret (at least 32 bytes)"),
+    "jwt_public_key_file": (_text, "PEM file with the RS*/ES* public key"),
+    "jwt_jwks_file": (_text, "JWKS file with RS*/ES* public keys, selected by kid"),
+    "jwt_algorithms": (_text, "comma-separated allowed algorithms (default: from the keys)"),
+    "jwt_audience": (_text, "required `aud` claim"),
+    "jwt_issuer": (_text, "required `iss` claim"),
+    "jwt_leeway_s": (_non_negative_float, "clock-skew allowance for exp/nbf, seconds"),
+    "subscriber_role": (_role_name, "role for per-client reads (Supabase: authenticated)"),
+    "allowed_origins": (_origins, "comma-separated allowed Origin values (empty: any)"),
+    "poll_interval_ms": (_positive_int, "tail timer: fallback with the doorbell, poll without"),
+    "recheck_interval_s": (_non_negative_float, "re-authorize subscriptions this often"),
+    "auth_timeout_s": (_non_negative_float, "close with 4002 when no valid auth arrives by then"),
+    "replay_limit": (_positive_int, "max events a resume replays before resync"),
+    "pool_size": (_positive_int, "database connections for tail, catch-up, authorization"),
+    "max_connections": (_positive_int, "WebSocket connections in total"),
+    "max_connections_per_ip": (_positive_int, "WebSocket connections per client IP"),
+    "max_subscriptions": (_positive_int, "subscriptions per connection"),
+    "max_message_bytes": (_positive_int, "largest client message; bigger closes with 1009"),
+    "max_pending_bytes": (_positive_int, "unsent bytes per client before its outbox coalesces"),
+    "shutdown_timeout_s": (_non_negative_float, "drain time on SIGTERM"),
+    "log_level": (_choice("debug", "info", "warning", "error"), "log level"),
+    "log_format": (_choice("auto", "json", "console"), "auto: JSON unless on a TTY"),
+}
+
+
+def env_name(field: str) -> str:
+    return "PGRELAY_" + field.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per setting; defaults stay None so that precedence can be applied."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file with settings")
+    for f in fields(Settings):
+        _, help_text = _PARSERS[f.name]
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            metavar="VALUE",
+            help=f"{help_text} [{env_name(f.name)}]",
+        )
+
+
+def load(
+    flags: Mapping[str, str | None], environ: Mapping[str, str], config_file: str | None = None
+) -> Settings:
+    """Settings from flags > environment > TOML file > defaults, validated."""
+    file_values: dict[str, Any] = {}
+    if config_file:
+        try:
+            file_values = tomllib.loads(Path(config_file).read_text("utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"--config {config_file}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config {config_file}: {exc}") from exc
+        unknown = set(file_values) - set(_PARSERS)
+        if unknown:
+            raise ConfigError(f"--config {config_file}: unknown keys {sorted(unknown)}")
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        parse, _ = _PARSERS[f.name]
+        flag = flags.get(f.name)
+        env = environ.get(env_name(f.name))
+        if flag is not None:
+            source, raw = f"--{f.name.replace('_', '-')}", flag
+        elif env is not None and env != "":
+            source, raw = env_name(f.name), env
+        elif f.name in file_values:
+            source, raw = f"{f.name} (in {config_file})", file_values[f.name]
+            if isinstance(raw, list) and f.name == "allowed_origins":
+                raw = ",".join(str(x) for x in raw)
+            raw = str(raw) if not isinstance(raw, str) else raw
+        else:
+            continue
+        try:
+            values[f.name] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    if not (s.jwt_secret or s.jwt_public_key_file or s.jwt_jwks_file):
+        raise ConfigError(
+            f"no way to verify tokens: set {env_name('jwt_secret')} (HS256), "
+            f"{env_name('jwt_public_key_file')} or {env_name('jwt_jwks_file')}"
+        )
+    if s.listen == s.admin_listen and s.listen.port != 0:
+        raise ConfigError(
+            f"{env_name('listen')} and {env_name('admin_listen')} are both {s.listen}"
+        )

@@ -1,0 +1,236 @@
+"""The listening side: accept, handshake, run one handler per connection, shut down.
+
+    server = WsServer(handler, limits=WsLimits(), path="/v1")
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    ...
+    await server.shutdown(CloseCode.SERVICE_RESTART, "server restarting")
+
+Every connection task lives in the server's connection nursery; `serve`
+returns only after all of them ended. `shutdown` stops accepting (new TCP
+connections are refused), closes every open connection with the given code,
+gives them `timeout_s` to finish, then cancels the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import Callable, Collection
+
+import h11
+import structlog
+import trio
+
+from relay.ws.connection import Handler, WsConnection
+from relay.ws.frames import CloseCode
+from relay.ws.handshake import WsReject, WsRequest, accept_response, check_upgrade, reject_response
+from relay.ws.limits import WsLimits
+from relay.ws.sockets import (
+    ACCEPT_RESOURCE_ERRNOS,
+    ACCEPT_SKIP_ERRNOS,
+    bind_listener,
+    close_socket,
+    configure_accepted,
+    discard_until_eof,
+    recv_some,
+    send_all,
+)
+
+__all__ = ["RequestHook", "WsServer"]
+
+_log = structlog.get_logger("relay.ws")
+
+RequestHook = Callable[[WsRequest], WsReject | None]
+"""Called with each checked upgrade request before the 101; return a
+`WsReject` to refuse it (503 not ready, 429 too many connections, 401...)."""
+
+ACCEPT_BATCH = 64
+"""Connections accepted per wake-up before yielding to other tasks."""
+ACCEPT_RETRY_S = 0.1
+"""Pause after accept() ran out of file descriptors or memory."""
+
+
+class WsServer:
+    """A WebSocket server on one TCP port; one `handler` task per connection."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        limits: WsLimits | None = None,
+        path: str = "/v1",
+        allowed_origins: Collection[str] = (),
+        on_request: RequestHook | None = None,
+    ) -> None:
+        """`path`: the only path upgraded (others get 404). `allowed_origins`:
+        when not empty, a request whose Origin header is not exactly one of
+        them gets 403 (no Origin header: allowed). `on_request`: see
+        `RequestHook`."""
+        self._handler = handler
+        self._limits = limits or WsLimits()
+        self._path = path
+        self._allowed_origins = frozenset(allowed_origins)
+        self._on_request = on_request
+        self._connections: set[WsConnection] = set()
+        self._port: int | None = None
+        self._accept_scope: trio.CancelScope | None = None
+        self._stopping = False
+        self._stop_deadline = math.inf
+        self._stopped: trio.Event | None = None
+
+    @property
+    def port(self) -> int | None:
+        """The bound port once listening."""
+        return self._port
+
+    @property
+    def connection_count(self) -> int:
+        """Upgraded connections not yet closed."""
+        return len(self._connections)
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on host:port (port 0: any free port), report the bound port
+        through `task_status`, and serve until `shutdown` or cancellation."""
+        if self._stopped is not None:
+            raise RuntimeError("WsServer.serve runs once")
+        self._stopped = trio.Event()
+        listener = await bind_listener(host, port, self._limits.accept_backlog)
+        try:
+            self._port = int(listener.getsockname()[1])
+            async with trio.open_nursery() as connections:
+                with trio.CancelScope() as accept_scope:
+                    self._accept_scope = accept_scope
+                    if self._stopping:
+                        accept_scope.cancel()
+                    task_status.started(self._port)
+                    await self._accept_loop(listener, connections)
+                close_socket(listener)
+                # shutdown(): connections were asked to close; cut off the rest.
+                connections.cancel_scope.deadline = self._stop_deadline
+        finally:
+            close_socket(listener)
+            self._stopped.set()
+
+    async def shutdown(
+        self,
+        code: int = CloseCode.SERVICE_RESTART,
+        reason: str = "server restarting",
+        timeout_s: float = 10.0,
+    ) -> None:
+        """Stop accepting, close every connection with `code`, and return once
+        `serve` has returned (connections still open after `timeout_s` are
+        cancelled)."""
+        self._stopping = True
+        self._stop_deadline = trio.current_time() + timeout_s
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        for connection in list(self._connections):
+            connection.abort(code, reason)
+        if self._stopped is not None:
+            await self._stopped.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    sock, address = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    if exc.errno in ACCEPT_RESOURCE_ERRNOS:
+                        _log.warning("ws_accept_failed", error=str(exc))
+                        await trio.sleep(ACCEPT_RETRY_S)
+                        break
+                    if exc.errno in ACCEPT_SKIP_ERRNOS:
+                        continue
+                    raise
+                nursery.start_soon(self._handle_client, sock, address)
+
+    async def _handle_client(self, sock: socket.socket, address: tuple[object, ...]) -> None:
+        peer = (str(address[0]), int(str(address[1])))
+        limits = self._limits
+        try:
+            configure_accepted(sock, limits.send_buffer_bytes)
+            outcome: tuple[WsRequest, bytes] | WsReject | None = None
+            with trio.move_on_after(limits.handshake_timeout_s):
+                outcome = await self._read_upgrade(sock, peer)
+            if outcome is None:
+                return  # the peer left or was too slow (slow-loris): just drop it
+            if isinstance(outcome, tuple):
+                request, trailing = outcome
+                refusal = self._refusal(request)
+                if refusal is None:
+                    await send_all(sock, accept_response(request))
+                    await self._run_connection(sock, request, trailing)
+                    return
+                outcome = refusal
+            _log.debug("ws_upgrade_refused", peer=peer, status=outcome.status)
+            with trio.move_on_after(limits.close_timeout_s):
+                await send_all(sock, reject_response(outcome))
+                sock.shutdown(socket.SHUT_WR)
+                await discard_until_eof(sock, limits.receive_chunk_bytes)
+        except OSError as exc:  # the peer reset during the handshake
+            _log.debug("ws_handshake_failed", peer=peer, error=str(exc))
+        finally:
+            close_socket(sock)
+
+    def _refusal(self, request: WsRequest) -> WsReject | None:
+        if self._stopping:
+            return WsReject(503, "server shutting down")
+        if self._on_request is not None:
+            return self._on_request(request)
+        return None
+
+    async def _read_upgrade(
+        self, sock: socket.socket, peer: tuple[str, int]
+    ) -> tuple[WsRequest, bytes] | WsReject | None:
+        """Read one request head: the checked request and the bytes after it,
+        an HTTP refusal, or None if the peer went away."""
+        parser = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self._limits.max_handshake_bytes
+        )
+        while True:
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                return WsReject(exc.error_status_hint, "bad request")
+            if event is h11.NEED_DATA:
+                parser.receive_data(await recv_some(sock, self._limits.receive_chunk_bytes))
+                continue
+            if not isinstance(event, h11.Request):
+                return None
+            checked = check_upgrade(
+                event, peer, path=self._path, allowed_origins=self._allowed_origins
+            )
+            if isinstance(checked, WsReject):
+                return checked
+            return checked, parser.trailing_data[0]
+
+    async def _run_connection(
+        self, sock: socket.socket, request: WsRequest, trailing: bytes
+    ) -> None:
+        connection = WsConnection(sock, request, self._limits, trailing)
+        started = trio.current_time()
+        self._connections.add(connection)
+        if self._stopping:  # shutdown() began while this one was upgrading
+            connection.abort(CloseCode.SERVICE_RESTART, "server restarting")
+        try:
+            await connection._run(self._handler)
+        finally:
+            self._connections.discard(connection)
+            _log.info(
+                "ws_connection_closed",
+                peer=request.peer,
+                close_code=connection.close_code,
+                close_reason=connection.close_reason,
+                duration_s=round(trio.current_time() - started, 3),
+            )
