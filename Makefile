@@ -7,12 +7,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: help venv postgres test lint migrate clean
+.PHONY: help venv postgres test lint migrate conformance clean
 
 help:
 	@echo "make test     install what the tests need, then run them against a real PostgreSQL"
 	@echo "make lint     ruff + mypy"
 	@echo "make migrate  apply sql/ to \$$PGRELAY_DATABASE_URL (or libpq's PG* variables)"
+	@echo "make conformance  Autobahn|Testsuite against the WebSocket shell (needs Python 2.7)"
 
 $(STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -40,6 +41,11 @@ lint: venv
 
 migrate: venv
 	$(BIN)/pgrelay migrate
+
+# Autobahn|Testsuite (cases 1-7, 9, 10) against an echo app built on relay/ws.
+# Skipped with a message where no Python 2.7 exists; not part of `make test`.
+conformance: venv
+	tests/conformance/run.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -103,7 +103,7 @@ class Client:
         self.peer = peer
         now = hub.clock()
         self.session = Session(connection_id, now, config.session)
-        self.outbox = Outbox(config.outbox)
+        self.outbox = Outbox(config.outbox, wrap=encode_text_frame)
         self.max_pending_bytes = config.max_pending_bytes
         self.handovers: dict[uuid.UUID, _Handover] = {}
         self.closing = False
@@ -400,4 +400,7 @@ class Client:
         frames = self.outbox.pop_ready(max(room, 1), self.hub.clock())
         if frames:
             self.events_sent += len(frames)
-            self.ws.send_frame_nowait(b"".join(frames))
+            if self.ws.send_frame_nowait(b"".join(frames)) is SendResult.OVERFLOW:
+                # Cannot happen while one frame is smaller than the room left at the
+                # low-water mark; if it ever does, dropping frames silently would not do.
+                self._close(CloseCode.TOO_SLOW, "too slow to keep up")

@@ -109,7 +109,8 @@ class Settings:
     max_connections_per_ip: int = 1_000
     max_subscriptions: int = 100
     max_message_bytes: int = 4096
-    max_pending_bytes: int = 1_048_576
+    max_pending_bytes: int = 524_288
+    slow_client_timeout_s: float = 30.0
     shutdown_timeout_s: float = 10.0
     log_level: str = "info"
     log_format: str = "auto"
@@ -138,7 +139,11 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "max_connections_per_ip": (_positive_int, "WebSocket connections per client IP"),
     "max_subscriptions": (_positive_int, "subscriptions per connection"),
     "max_message_bytes": (_positive_int, "largest client message; bigger closes with 1009"),
-    "max_pending_bytes": (_positive_int, "unsent bytes per client before its outbox coalesces"),
+    "max_pending_bytes": (_positive_int, "queued bytes per slow client before it must resync"),
+    "slow_client_timeout_s": (
+        _non_negative_float,
+        "a client whose queue made no progress this long is closed with 4008",
+    ),
     "shutdown_timeout_s": (_non_negative_float, "drain time on SIGTERM"),
     "log_level": (_choice("debug", "info", "warning", "error"), "log level"),
     "log_format": (_choice("auto", "json", "console"), "auto: JSON unless on a TTY"),

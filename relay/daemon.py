@@ -83,7 +83,7 @@ class Daemon:
                 max_subscriptions=s.max_subscriptions,
                 max_frame_bytes=s.max_message_bytes,
             ),
-            outbox=OutboxLimits(max_bytes=s.max_pending_bytes),
+            outbox=OutboxLimits(max_bytes=s.max_pending_bytes, max_stall_s=s.slow_client_timeout_s),
             max_pending_bytes=WS_MAX_PENDING_BYTES,
         )
         self.ws_limits = WsLimits(

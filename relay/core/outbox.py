@@ -12,6 +12,8 @@ bytes). When a push would, the outbox, in order:
 2. collapses: the org with the most pending event bytes loses all its
    pending events to a single `resync` (reason overflow) appended at the end,
    carrying the newest cursor queued for that org; repeated while needed;
+   later events of that org are absorbed into the queued resync (its cursor
+   moves forward) until it is sent;
 3. gives up: returns HOPELESS when even that is not enough (control frames
    alone fill it), or when overflows repeat (`max_overflows` within
    `overflow_window_s`). The caller closes with 4008 and drops the frame.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -64,7 +67,7 @@ class PushResult(StrEnum):
 
 
 class _Entry:
-    __slots__ = ("count", "cursor", "frame", "org", "row")
+    __slots__ = ("count", "cursor", "frame", "org", "reason", "row")
 
     def __init__(
         self,
@@ -77,8 +80,13 @@ class _Entry:
         self.frame = frame
         self.org = org
         self.row = row
+        self.reason: ResyncReason | None = None
         self.cursor = cursor
         self.count = count
+
+
+def _as_is(message: bytes) -> bytes:
+    return message
 
 
 class Outbox:
@@ -90,12 +98,19 @@ class Outbox:
         "_overflows",
         "_progress_at",
         "_resyncs",
+        "_wrap",
         "limits",
         "resynced_orgs",
     )
 
-    def __init__(self, limits: OutboxLimits | None = None) -> None:
+    def __init__(
+        self, limits: OutboxLimits | None = None, *, wrap: Callable[[bytes], bytes] = _as_is
+    ) -> None:
+        """`wrap` turns an encoded message into the bytes that are queued (the shell
+        passes its WebSocket frame encoder, since it queues whole frames); the
+        outbox applies it to the frames it builds itself (coalesced events, resync)."""
         self.limits = limits or OutboxLimits()
+        self._wrap = wrap
         self._entries: deque[_Entry] = deque()
         self._bytes = 0
         self._overflows: deque[float] = deque()
@@ -120,8 +135,25 @@ class Outbox:
     def push_event(
         self, row: EventRow, cursor: str, frame: bytes, now: float, *, coalesced: int = 1
     ) -> PushResult:
-        """Queue an event frame; `frame` is `encode_event(row, cursor, coalesced)`."""
+        """Queue an event frame; `frame` is `wrap(encode_event(row, cursor, coalesced))`.
+
+        While a `resync` for the org is still queued, the event is absorbed into it:
+        the client will refetch everything after receiving the resync, which is
+        after this event committed, so only the resync's cursor moves forward."""
+        pending_resync = self._resyncs.get(row.org)
+        if pending_resync is not None:
+            if self.stalled(now):
+                return PushResult.HOPELESS
+            self._absorb(pending_resync, cursor)
+            return PushResult.COALESCED
         return self._push(_Entry(frame, row.org, row, cursor, coalesced), now)
+
+    def _absorb(self, resync: _Entry, cursor: str) -> None:
+        assert resync.org is not None and resync.reason is not None
+        frame = self._wrap(encode_resync(resync.org, resync.reason, cursor))
+        self._bytes += len(frame) - len(resync.frame)
+        resync.frame = frame
+        resync.cursor = cursor
 
     def push_resync(
         self, org: uuid.UUID, reason: ResyncReason, cursor: str, now: float
@@ -212,7 +244,7 @@ class Outbox:
                 continue
             if counts[key] != entry.count:
                 entry.count = counts[key]
-                entry.frame = encode_event(entry.row, entry.cursor, entry.count)
+                entry.frame = self._wrap(encode_event(entry.row, entry.cursor, entry.count))
             kept.append(entry)
         self._rebuild(kept)
 
@@ -240,6 +272,7 @@ class Outbox:
         )
 
     def _resync_entry(self, org: uuid.UUID, reason: ResyncReason, cursor: str) -> _Entry:
-        entry = _Entry(encode_resync(org, reason, cursor), org)
+        entry = _Entry(self._wrap(encode_resync(org, reason, cursor)), org, cursor=cursor)
+        entry.reason = reason
         self._resyncs[org] = entry
         return entry

@@ -238,7 +238,8 @@ class WsConnection:
         """Close gracefully, bounded by `close_timeout_s`.
 
         Pending frames go out first, then the close frame; the write side is
-        shut, input is dropped until the peer's EOF, and the socket is closed.
+        shut, input is dropped until the peer's close frame or EOF, and the
+        socket is closed.
         A no-op beyond waiting if a close is already under way.
         """
         _check_close_code(code)

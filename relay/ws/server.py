@@ -187,7 +187,11 @@ class WsServer:
         if self._stopping:
             return WsReject(503, "server shutting down")
         if self._on_request is not None:
-            return self._on_request(request)
+            try:
+                return self._on_request(request)
+            except Exception:
+                _log.exception("ws_request_hook_failed", peer=request.peer)
+                return WsReject(500)
         return None
 
     async def _read_upgrade(

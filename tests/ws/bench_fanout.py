@@ -49,7 +49,7 @@ def client_process(port: int, clients: int, expect_bytes: int) -> None:
         sock.close()
 
     async def main() -> None:
-        done = trio.Semaphore(clients, initial_value=0)
+        done = trio.Semaphore(0, max_value=clients)
         async with trio.open_nursery() as nursery:
             for _ in range(clients):
                 nursery.start_soon(one, done)

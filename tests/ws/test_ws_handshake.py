@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import h11
 import pytest
 import trio
@@ -9,7 +11,16 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 
 from relay.ws import WsReject, WsRequest
 from relay.ws.handshake import check_upgrade, reject_response
-from tests.ws.support import FAST, RawClient, http_exchange, serving, status_of, upgrade_request
+from relay.ws.sockets import configure_accepted
+from tests.ws.support import (
+    FAST,
+    RawClient,
+    http_exchange,
+    masked_frame,
+    serving,
+    status_of,
+    upgrade_request,
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -159,3 +170,39 @@ async def test_the_request_hook_can_refuse() -> None:
         async with open_websocket_url(served.url + "?ok=1") as ws:
             await ws.send_message("in")
             assert await ws.get_message() == "in"
+
+
+async def test_a_failing_request_hook_refuses_with_500() -> None:
+    def broken(request: WsRequest) -> WsReject | None:
+        raise RuntimeError("hook bug")
+
+    async with serving(on_request=broken) as served:
+        with pytest.raises(ConnectionRejected) as rejected:
+            async with open_websocket_url(served.url):
+                pass
+        assert rejected.value.status_code == 500
+
+
+async def test_a_frame_sent_right_behind_the_request_is_not_lost() -> None:
+    async with serving() as served:
+        client = await RawClient.connect(served.port)
+        await client.send(upgrade_request() + masked_frame(0x1, b"pipelined"))
+        head = await client.read_head()
+        assert head.startswith(b"HTTP/1.1 101 ")
+        event = await client.next_event()
+        assert event is not None and getattr(event, "data", None) == "pipelined"
+        client.close()
+
+
+def test_accepted_sockets_get_nodelay_and_a_small_send_buffer() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    try:
+        configure_accepted(accepted, 64 * 1024)
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert 64 * 1024 <= accepted.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 128 * 1024
+        assert not accepted.getblocking()
+    finally:
+        for sock in (accepted, client, listener):
+            sock.close()
