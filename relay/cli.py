@@ -29,13 +29,13 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
-    from relay import config, logs
+    from relay import config, logs, sdnotify
     from relay.daemon import Daemon
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     settings = config.load(flags, os.environ, args.config)
     logs.configure(settings.log_level, settings.log_format)
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, notify=sdnotify.notify)
     trio.run(daemon.run)
     return 0
 

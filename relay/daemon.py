@@ -13,11 +13,13 @@ import signal
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 
 import psycopg
 import structlog
 import trio
 
+from relay import sdnotify
 from relay.admin import Response, serve_admin
 from relay.auth import AuthConfig, TokenVerifier
 from relay.client import Client, ClientConfig
@@ -32,6 +34,8 @@ from relay.metrics import Metrics
 from relay.tailer import Tailer
 from relay.ws import WsConnection, WsLimits, WsReject, WsRequest, WsServer
 
+#: A tail loop that has not turned for this long is wedged: stop petting the watchdog.
+HEARTBEAT_MAX_AGE_S = 60.0
 #: How often the notification queue usage is sampled.
 STATS_INTERVAL_S = 15.0
 #: Path of protocol v1.
@@ -173,6 +177,7 @@ class Daemon:
                     admin=f"http://{s.admin_listen.host}:{self.admin_port}",
                 )
                 self.notify("READY=1")
+                nursery.start_soon(partial(sdnotify.watchdog_loop, alive=self._alive))
                 task_status.started()
                 await self._until_signalled_then_drain()
                 nursery.cancel_scope.cancel()
@@ -180,6 +185,11 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 await self.db.close()
         log.info("stopped")
+
+    def _alive(self) -> bool:
+        """For the systemd watchdog: the tail loop keeps turning."""
+        limit = max(HEARTBEAT_MAX_AGE_S, 5 * self.settings.poll_interval_ms / 1000)
+        return trio.current_time() - self.tailer.heartbeat_at < limit
 
     async def _until_signalled_then_drain(self) -> None:
         """First SIGTERM/SIGINT: drain gracefully. A second one: stop draining now.

@@ -101,6 +101,8 @@ class Tailer:
         self.epoch = ""
         self.head: Snapshot | None = None
         self._listener_conn: Conn | None = None
+        self.heartbeat_at = 0.0
+        """trio time of the tail loop's last turn (the systemd watchdog checks it)."""
 
     @property
     def head_cursor(self) -> str:
@@ -121,6 +123,7 @@ class Tailer:
                     log.warning("first snapshot failed; retrying", error=str(exc))
                     await trio.sleep(STEP_RETRY_S)
             log.info("tail started", snapshot=str(self.head))
+            self.heartbeat_at = trio.current_time()
             task_status.started()
             await self._tail_loop()
 
@@ -177,6 +180,9 @@ class Tailer:
     # -- the tail loop ------------------------------------------------------
     async def _tail_loop(self) -> None:
         while True:
+            # Comes round at least once per poll interval, even while steps fail: a
+            # stale heartbeat means a stuck step, not a database outage.
+            self.heartbeat_at = trio.current_time()
             with trio.move_on_after(self.poll_interval_s):
                 await self._doorbell.wait()
             # A new event before reading: a ring during the step means another step.
