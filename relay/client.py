@@ -30,7 +30,9 @@ from relay.core.cursor import Cursor, Fresh, Replay, Resync, ResyncReason
 from relay.core.outbox import Outbox, OutboxLimits, PushResult
 from relay.core.protocol import (
     CloseCode,
+    ErrorCode,
     EventRow,
+    encode_error,
     encode_event,
     encode_resync,
     encode_subscribed,
@@ -66,6 +68,7 @@ class ClientConfig:
     session: SessionLimits
     outbox: OutboxLimits
     max_pending_bytes: int
+    max_connections_per_user: int
     """The WebSocket layer's bound on unsent bytes (WsLimits.max_pending_bytes)."""
 
 
@@ -111,7 +114,8 @@ class Client:
         self.nursery: trio.Nursery | None = None
         self.events_sent = 0
         self.frames_received = 0
-        self.subject: object = None
+        self.subject: str | None = None
+        """The first token's `sub` (a refresh for another subject is closed 4001)."""
         self._timer_at: float | None = None
         ws.set_drain_callback(self._drained)
 
@@ -132,6 +136,8 @@ class Client:
             self.closing = True
             self.session.connection_lost()
             self.hub.remove(self)
+            if self.subject is not None:
+                self.hub.count_user(self.subject, -1)
             log.info(
                 "connection closed",
                 connection_id=self.id,
@@ -212,7 +218,22 @@ class Client:
             log.info("token rejected", connection_id=self.id, peer=self.peer, reason=exc.reason)
             self.apply(self.session.token_rejected(f"token rejected: {exc.reason}", now))
             return
-        self.subject = verified.subject
+        if self.subject is None and verified.subject is not None:
+            # First authentication: the per-user connection limit applies.
+            if self.hub.connections_of(verified.subject) >= self.config.max_connections_per_user:
+                log.info(
+                    "too many connections for one user",
+                    connection_id=self.id,
+                    sub=verified.subject,
+                    peer=self.peer,
+                )
+                self._send_control(
+                    encode_error(None, ErrorCode.RATE_LIMITED, "too many connections for this user")
+                )
+                self.close(CloseCode.TRY_AGAIN_LATER, "too many connections for this user")
+                return
+            self.hub.count_user(verified.subject, +1)
+            self.subject = verified.subject
         self.apply(self.session.token_verified(verified.claims, verified.expires_at, now))
 
     def close(self, code: int, reason: str) -> None:

@@ -107,6 +107,7 @@ class Settings:
     pool_size: int = 4
     max_connections: int = 10_000
     max_connections_per_ip: int = 1_000
+    max_connections_per_user: int = 20
     max_subscriptions: int = 100
     max_message_bytes: int = 4096
     max_pending_bytes: int = 524_288
@@ -137,6 +138,7 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "pool_size": (_positive_int, "database connections for tail, catch-up, authorization"),
     "max_connections": (_positive_int, "WebSocket connections in total"),
     "max_connections_per_ip": (_positive_int, "WebSocket connections per client IP"),
+    "max_connections_per_user": (_positive_int, "WebSocket connections per token subject"),
     "max_subscriptions": (_positive_int, "subscriptions per connection"),
     "max_message_bytes": (_positive_int, "largest client message; bigger closes with 1009"),
     "max_pending_bytes": (_positive_int, "queued bytes per slow client before it must resync"),

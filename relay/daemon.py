@@ -89,6 +89,7 @@ class Daemon:
             ),
             outbox=OutboxLimits(max_bytes=s.max_pending_bytes, max_stall_s=s.slow_client_timeout_s),
             max_pending_bytes=WS_MAX_PENDING_BYTES,
+            max_connections_per_user=s.max_connections_per_user,
         )
         self.ws_limits = WsLimits(
             max_message_bytes=s.max_message_bytes, max_pending_bytes=WS_MAX_PENDING_BYTES

@@ -59,6 +59,7 @@ class Hub:
         self._timers: list[tuple[float, int, Client]] = []
         self._timer_seq = itertools.count()
         self._timer_changed = trio.Event()
+        self._per_user: dict[str, int] = {}
         self._emptied = trio.Event()
 
     # -- connections ----------------------------------------------------------
@@ -71,6 +72,17 @@ class Hub:
         while self.clients:
             self._emptied = trio.Event()
             await self._emptied.wait()
+
+    def connections_of(self, subject: str) -> int:
+        """Open connections authenticated as `subject` (the per-user limit)."""
+        return self._per_user.get(subject, 0)
+
+    def count_user(self, subject: str, delta: int) -> None:
+        count = self._per_user.get(subject, 0) + delta
+        if count > 0:
+            self._per_user[subject] = count
+        else:
+            self._per_user.pop(subject, None)
 
     def remove(self, client: Client) -> None:
         self.clients.discard(client)
