@@ -1,0 +1,76 @@
+"""Settings: flag > environment > file > default, and errors that name the setting."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from relay.config import HostPort, Settings, env_name, load
+from relay.errors import ConfigError
+
+SECRET = {"PGRELAY_JWT_SECRET": "s" * 40}
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_defaults_follow_the_design() -> None:
+    s = load({}, SECRET)
+    assert s.listen == HostPort("127.0.0.1", 8765)
+    assert s.admin_listen == HostPort("127.0.0.1", 8766)
+    assert s.subscriber_role == "relay_subscriber"
+
+
+def test_flag_beats_environment_beats_file(tmp_path: Path) -> None:
+    toml = tmp_path / "pgrelay.toml"
+    toml.write_text(
+        'listen = "127.0.0.1:1111"\nreplay_limit = 7\n'
+        'allowed_origins = ["https://a.example", "https://b.example"]\n'
+    )
+    env = SECRET | {"PGRELAY_LISTEN": "127.0.0.1:2222"}
+    s = load({"listen": "127.0.0.1:3333"}, env, str(toml))
+    assert s.listen.port == 3333
+    assert load({}, env, str(toml)).listen.port == 2222
+    from_file = load({}, SECRET, str(toml))
+    assert from_file.listen.port == 1111 and from_file.replay_limit == 7
+    assert from_file.allowed_origins == ("https://a.example", "https://b.example")
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"PGRELAY_LISTEN": "8765"}, "PGRELAY_LISTEN"),
+        ({"PGRELAY_LISTEN": "127.0.0.1:99999"}, "PGRELAY_LISTEN"),
+        ({"PGRELAY_POOL_SIZE": "0"}, "PGRELAY_POOL_SIZE"),
+        ({"PGRELAY_REPLAY_LIMIT": "lots"}, "PGRELAY_REPLAY_LIMIT"),
+        ({"PGRELAY_JWT_LEEWAY_S": "-1"}, "PGRELAY_JWT_LEEWAY_S"),
+        ({"PGRELAY_ALLOWED_ORIGINS": "app.example.com"}, "PGRELAY_ALLOWED_ORIGINS"),
+        ({"PGRELAY_LOG_LEVEL": "loud"}, "PGRELAY_LOG_LEVEL"),
+    ],
+)
+def test_a_malformed_value_names_its_setting(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load({}, SECRET | env)
+
+
+def test_no_key_to_verify_tokens_is_refused() -> None:
+    with pytest.raises(ConfigError, match="PGRELAY_JWT_SECRET"):
+        load({}, {})
+
+
+def test_unknown_or_malformed_file_keys_are_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('listne = "127.0.0.1:1"\n')
+    with pytest.raises(ConfigError, match="unknown keys"):
+        load({}, SECRET, str(bad))
+    bad.write_text("listen = \n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load({}, SECRET, str(bad))
+    with pytest.raises(ConfigError, match="missing.toml"):
+        load({}, SECRET, str(tmp_path / "missing.toml"))
+
+
+def test_readme_documents_every_setting() -> None:
+    text = README.read_text()
+    missing = [env_name(f.name) for f in fields(Settings) if env_name(f.name) not in text]
+    assert missing == []
