@@ -64,9 +64,9 @@ def test_unknown_or_malformed_file_keys_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown keys"):
         load({}, SECRET, str(bad))
     bad.write_text("listen = \n")
-    with pytest.raises(ConfigError, match="bad.toml"):
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
         load({}, SECRET, str(bad))
-    with pytest.raises(ConfigError, match="missing.toml"):
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
         load({}, SECRET, str(tmp_path / "missing.toml"))
 
 
