@@ -40,6 +40,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from relay import dev
+
+    return dev.run(args.database_url, os.environ)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgrelay",
@@ -60,6 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     config.add_arguments(p)
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "dev",
+        help="a throwaway relay with a demo page: database, roles, token, daemon",
+        description="Start a throwaway PostgreSQL (local server binaries, else Docker), "
+        "migrate it, create login roles, and run the relay with a demo page on the admin "
+        "port. PGRELAY_LISTEN and PGRELAY_ADMIN_LISTEN choose the ports. Ctrl-C stops "
+        "everything and removes the database.",
+    )
+    p.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="use this database instead (migrated; login roles pgrelay_dev_daemon and "
+        "pgrelay_dev_backend created, their passwords reset; kept on exit). "
+        "Never a production database.",
+    )
+    p.set_defaults(func=_cmd_dev)
+
+    from relay import tools
+
+    tools.register(sub)
     return parser
 
 

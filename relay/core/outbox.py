@@ -198,12 +198,21 @@ class Outbox:
         self._coalesce()
         if not self._over():
             return PushResult.COALESCED
+        before_collapse = (list(self._entries), dict(self._resyncs))
+        collapsed = 0
         while self._over():
             org = self._heaviest_org()
             if org is None:
-                return self._give_up(entry)
+                # Collapsing turns events into resyncs but cannot shrink control
+                # frames: undo it, and take back the frame that did not fit, so the
+                # bound holds. The caller closes the connection.
+                entries, resyncs = before_collapse
+                self._rebuild([e for e in entries if e is not entry])
+                self._resyncs = {o: e for o, e in resyncs.items() if e in self._entries}
+                return PushResult.HOPELESS
             self._collapse(org)
-            self.resynced_orgs += 1
+            collapsed += 1
+        self.resynced_orgs += collapsed
         self._overflows.append(now)
         while self._overflows and self._overflows[0] <= now - self.limits.overflow_window_s:
             self._overflows.popleft()
@@ -214,11 +223,6 @@ class Outbox:
     def _append(self, entry: _Entry) -> None:
         self._entries.append(entry)
         self._bytes += len(entry.frame)
-
-    def _give_up(self, entry: _Entry) -> PushResult:
-        # Take back the frame that did not fit, so the bound holds.
-        self._rebuild([e for e in self._entries if e is not entry])
-        return PushResult.HOPELESS
 
     def _rebuild(self, entries: list[_Entry]) -> None:
         self._entries = deque(entries)

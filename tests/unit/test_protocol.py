@@ -291,4 +291,4 @@ def test_any_client_ref_round_trips_through_an_encoded_frame(ref: str) -> None:
 
 
 def test_close_codes() -> None:
-    assert [c.value for c in CloseCode] == [1000, 1009, 1012, 4001, 4002, 4008, 4029]
+    assert [c.value for c in CloseCode] == [1000, 1009, 1012, 1013, 4001, 4002, 4008, 4029]
