@@ -7,9 +7,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: help venv postgres test lint migrate conformance clean
+.PHONY: help venv postgres chromium run test lint migrate conformance clean
 
 help:
+	@echo "make run      a throwaway relay with a demo page (pgrelay dev); Ctrl-C removes it"
 	@echo "make test     install what the tests need, then run them against a real PostgreSQL"
 	@echo "make lint     ruff + mypy"
 	@echo "make migrate  apply sql/ to \$$PGRELAY_DATABASE_URL (or libpq's PG* variables)"
@@ -31,7 +32,17 @@ venv: $(STAMP)
 postgres:
 	@scripts/ensure-postgres.sh
 
-test: venv postgres
+# Debian's chromium and chromium-driver for the browser test (tests/e2e/test_dev.py).
+chromium:
+	@scripts/ensure-chromium.sh
+
+# A throwaway database, roles, a token and the daemon with its demo page.
+# `make run DEV_ARGS='--database-url postgresql://...'` uses your database instead.
+DEV_ARGS ?=
+run: venv postgres
+	$(BIN)/pgrelay dev $(DEV_ARGS)
+
+test: venv postgres chromium
 	$(BIN)/pytest
 
 lint: venv

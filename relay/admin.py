@@ -2,7 +2,9 @@
 
 A few lines of trio around h11 (the sans-IO HTTP/1.1 library wsproto is built
 on). One request per connection, a deadline on each, small limits: this port
-is for probes and scrapers, not for the public.
+is for probes and scrapers, not for the public. A route is a plain callable
+(GET and HEAD), or an :class:`Endpoint` that sees the request and may accept
+other methods and a small body (`pgrelay dev` uses one for its demo).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from relay.config import HostPort
 REQUEST_TIMEOUT_S = 10
 #: Largest request head we read.
 MAX_REQUEST_BYTES = 16 * 1024
+#: Largest request body an Endpoint may accept, whatever it asks for.
+MAX_BODY_BYTES = 16 * 1024
 
 log = structlog.get_logger("pgrelay.admin")
 
@@ -32,7 +36,34 @@ class Response:
     content_type: str = "text/plain; charset=utf-8"
 
 
-Route = Callable[[], Awaitable[Response] | Response]
+@dataclass(frozen=True)
+class Request:
+    """What an :class:`Endpoint` sees of a request."""
+
+    method: str
+    """Upper case: GET, HEAD, POST..."""
+    path: str
+    """The target without its query string."""
+    query: str
+    """The query string, without the '?' ("" when none)."""
+    headers: dict[str, str]
+    """Header names in lower case; a repeated header keeps its last value."""
+    body: bytes
+    """At most the endpoint's `max_body_bytes`."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A route that reads the request (method, headers, a small body)."""
+
+    handler: Callable[[Request], Awaitable[Response] | Response]
+    methods: frozenset[str] = frozenset({"GET", "HEAD"})
+    """Methods answered; any other gets 405."""
+    max_body_bytes: int = 0
+    """A longer body gets 413 (capped at MAX_BODY_BYTES)."""
+
+
+Route = Callable[[], Awaitable[Response] | Response] | Endpoint
 
 
 async def serve_admin(
@@ -41,7 +72,7 @@ async def serve_admin(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve GET routes until cancelled; reports the bound port to `nursery.start`."""
+    """Serve the routes until cancelled; reports the bound port to `nursery.start`."""
     listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
     port: int = listeners[0].socket.getsockname()[1]
     task_status.started(port)
@@ -69,9 +100,22 @@ async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
         if isinstance(event, h11.Request):
             break
         return  # connection closed, or anything but a request
-    path = event.target.decode("ascii", "replace").split("?", 1)[0]
+    target = event.target.decode("ascii", "replace")
+    path, _, query = target.partition("?")
+    method = event.method.decode("ascii", "replace")
     route = routes.get(path)
-    if event.method not in (b"GET", b"HEAD"):
+    if isinstance(route, Endpoint):
+        if method not in route.methods:
+            response = Response(405, b"method not allowed\n")
+        else:
+            body = await _read_body(conn, stream, min(route.max_body_bytes, MAX_BODY_BYTES))
+            if body is None:
+                response = Response(413, b"request body too large\n")
+            else:
+                headers_in = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
+                result = route.handler(Request(method, path, query, headers_in, body))
+                response = result if isinstance(result, Response) else await result
+    elif method not in ("GET", "HEAD"):
         response = Response(405, b"method not allowed\n")
     elif route is None:
         response = Response(404, b"not found\n")
@@ -88,3 +132,20 @@ async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
     if event.method != b"HEAD":
         await stream.send_all(conn.send(h11.Data(data=response.body)))
     await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+async def _read_body(conn: h11.Connection, stream: trio.SocketStream, limit: int) -> bytes | None:
+    """The request body, or None when it is longer than `limit` bytes."""
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(4096))
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > limit:
+                return None
+        elif isinstance(event, h11.EndOfMessage):
+            return bytes(body)
+        else:
+            raise h11.RemoteProtocolError("the request ended without its body")

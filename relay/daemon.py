@@ -20,7 +20,7 @@ import structlog
 import trio
 
 from relay import sdnotify
-from relay.admin import Response, serve_admin
+from relay.admin import Response, Route, serve_admin
 from relay.auth import AuthConfig, TokenVerifier
 from relay.client import Client, ClientConfig
 from relay.config import Settings
@@ -66,10 +66,17 @@ def build_verifier(s: Settings) -> TokenVerifier:
 
 class Daemon:
     def __init__(
-        self, settings: Settings, *, notify: Callable[[str], object] = lambda _m: None
+        self,
+        settings: Settings,
+        *,
+        notify: Callable[[str], object] = lambda _m: None,
+        admin_routes: dict[str, Route] | None = None,
     ) -> None:
+        """`admin_routes`: extra routes for the admin port (`pgrelay dev`'s demo);
+        they cannot replace /healthz, /readyz or /metrics."""
         self.settings = s = settings
         self.notify = notify
+        self.extra_admin_routes = dict(admin_routes or {})
         self.metrics = Metrics()
         self.hub = Hub(self.metrics)
         self.db = Database(s.database_url, size=s.pool_size)
@@ -163,7 +170,8 @@ class Daemon:
                 self.hub.cursor_now = lambda: self.tailer.head_cursor
                 nursery.start_soon(self.hub.run_timers)
                 nursery.start_soon(self._sample_stats)
-                routes = {
+                routes: dict[str, Route] = {
+                    **self.extra_admin_routes,
                     "/healthz": self._healthz,
                     "/readyz": self._readyz,
                     "/metrics": self._metrics,
