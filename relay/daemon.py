@@ -233,13 +233,19 @@ class Daemon:
     async def _sample_stats(self) -> None:
         while True:
             try:
-                usage = await self.db.run(_notification_queue_usage)
+                usage, oldest_age_s = await self.db.run(_health_sample)
                 self.metrics.notification_queue_usage.set(usage)
+                self.metrics.oldest_event_age.set(oldest_age_s)
             except psycopg.Error:
-                pass  # the tail reports database trouble; this is only a gauge
+                pass  # the tail reports database trouble; these are only gauges
             await trio.sleep(STATS_INTERVAL_S)
 
 
-def _notification_queue_usage(conn: psycopg.Connection[tuple[float]]) -> float:
-    row = conn.execute("SELECT pg_notification_queue_usage()").fetchone()
-    return float(row[0]) if row else 0.0
+def _health_sample(conn: psycopg.Connection[tuple[float, float]]) -> tuple[float, float]:
+    """pg_notification_queue_usage(), and the oldest retained event's age in seconds
+    (0 when the table is empty) through relay.oldest_event_age() (006)."""
+    row = conn.execute(
+        "SELECT pg_notification_queue_usage(), "
+        "coalesce(extract(epoch FROM relay.oldest_event_age()), 0)::float8"
+    ).fetchone()
+    return (float(row[0]), float(row[1])) if row else (0.0, 0.0)

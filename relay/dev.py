@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import itertools
 import json
-import os
 import secrets
 import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,14 +50,7 @@ from relay import config, logs
 from relay.admin import Endpoint, Request, Response, Route
 from relay.auth import mint_token
 from relay.daemon import WS_PATH, Daemon
-from relay.embedded import (
-    SERVER_OS_USER,
-    START_TIMEOUT_S,
-    EmbeddedPostgres,
-    EmbeddedPostgresError,
-    find_bindir,
-    free_port,
-)
+from relay.embedded import EmbeddedPostgres, docker_answers, find_bindir, free_port
 from relay.errors import RelayError
 from relay.migrate import migrate
 
@@ -195,52 +185,12 @@ def prepare_on_server(admin_url: str, password: str | None) -> tuple[str, str, s
     )
 
 
-class _DevCluster(EmbeddedPostgres):
-    """The embedded cluster, with initdb and pg_ctl out of the terminal's reach:
-    a Ctrl-C that killed `pg_ctl start` halfway would leave a server running
-    on a deleted directory. `provision` holds signals until the start is done."""
-
-    def _run(self, argv: Sequence[str], check: bool = True) -> None:
-        cmd = ["runuser", "-u", SERVER_OS_USER, "--", *argv] if self._as_root else list(argv)
-        # A group of its own, so that an interrupt can stop runuser *and* its child.
-        with subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        ) as proc:
-            try:
-                stdout, stderr = proc.communicate(timeout=START_TIMEOUT_S + 30)
-            except BaseException:  # a timeout: stop runuser *and* its child
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise
-        if check and proc.returncode != 0:
-            raise EmbeddedPostgresError(
-                f"{Path(argv[0]).name} failed ({proc.returncode}): "
-                f"{(stderr or stdout).strip()[-2000:]}\n{self.server_log()[-2000:]}"
-            )
-
-
-def docker_answers(timeout_s: float = DOCKER_PING_TIMEOUT_S) -> bool:
-    """A Docker engine answers a ping (the docker package comes with testcontainers)."""
-    try:
-        docker = importlib.import_module("docker")
-        docker.from_env(timeout=timeout_s).ping()
-        return True
-    except Exception:  # not installed, no engine, no permission: all mean "no"
-        return False
-
-
 def provision(database_url: str | None, stack: contextlib.ExitStack) -> DevDatabase:
     """The database, in the order of preference; its removal is pushed on `stack`."""
     if database_url:
         return prepare_given(database_url)
     if find_bindir() is not None:
-        cluster = _DevCluster()
+        cluster = EmbeddedPostgres()
         stack.callback(_uninterrupted, cluster.stop)
         with _interrupts_held():
             cluster.start()
@@ -253,7 +203,7 @@ def provision(database_url: str | None, stack: contextlib.ExitStack) -> DevDatab
             "removed on exit)",
             cluster.root,
         )
-    if docker_answers():
+    if docker_answers(DOCKER_PING_TIMEOUT_S):
         try:
             from testcontainers.postgres import PostgresContainer
         except ImportError as exc:

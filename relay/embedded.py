@@ -9,9 +9,11 @@ server refuses to run as root.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -62,6 +64,18 @@ def _version_key(name: str) -> tuple[int, ...]:
         return tuple(int(x) for x in name.split("."))
     except ValueError:
         return (0,)
+
+
+def docker_answers(timeout_s: float = 1.0) -> bool:
+    """A Docker engine answers a ping within about `timeout_s` (the docker package
+    comes with testcontainers)."""
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=timeout_s).ping()
+        return True
+    except Exception:  # not installed, no engine, no permission: all mean "no"
+        return False
 
 
 def free_port() -> int:
@@ -202,17 +216,28 @@ class EmbeddedPostgres:
 
     def _run(self, argv: Sequence[str], check: bool = True) -> None:
         cmd = ["runuser", "-u", SERVER_OS_USER, "--", *argv] if self._as_root else list(argv)
-        proc = subprocess.run(
+        # A process group of its own: an interrupt or a timeout must stop runuser
+        # *and* its child (initdb, pg_ctl), or an orphan keeps writing into a
+        # directory we are removing, or leaves a server on a deleted directory.
+        with subprocess.Popen(
             cmd,
-            capture_output=True,
-            text=True,
-            timeout=START_TIMEOUT_S + 30,
             stdin=subprocess.DEVNULL,
-        )
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        ) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=START_TIMEOUT_S + 30)
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
         if check and proc.returncode != 0:
             raise EmbeddedPostgresError(
                 f"{Path(argv[0]).name} failed ({proc.returncode}): "
-                f"{(proc.stderr or proc.stdout).strip()[-2000:]}\n{self.server_log()[-2000:]}"
+                f"{(stderr or stdout).strip()[-2000:]}\n{self.server_log()[-2000:]}"
             )
 
     def _remove(self) -> None:

@@ -46,6 +46,11 @@ class Metrics:
             "pg_notification_queue_usage() (0..1); near 1, NOTIFY starts failing",
             registry=r,
         )
+        self.oldest_event_age = Gauge(
+            "pgrelay_oldest_event_age_seconds",
+            "Age of the oldest retained event: above retention + 1 h, retention has stopped",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from relay.embedded import EmbeddedPostgres, find_bindir
+from relay.embedded import EmbeddedPostgres, docker_answers, find_bindir
 from relay.migrate import migrate
 
 OWNER = "pgrelay_test_owner"
@@ -34,17 +34,6 @@ DAEMON = "pgrelay_test_daemon"
 AUTHENTICATOR = "pgrelay_test_authenticator"
 #: login role -> group role it is granted
 LOGIN_ROLES = {BACKEND: "relay_service", DAEMON: "relay_daemon", AUTHENTICATOR: "relay_subscriber"}
-
-
-def docker_answers(timeout_s: float = 1.0) -> bool:
-    try:
-        import docker  # type: ignore[import-untyped]
-
-        client = docker.from_env(timeout=timeout_s)
-        client.ping()
-        return True
-    except Exception:  # any failure means "no usable engine"
-        return False
 
 
 class Server:

@@ -360,6 +360,34 @@ async def test_health_ready_and_metrics(relay: RelayProcess) -> None:
         assert name in body, name
 
 
+async def test_the_oldest_event_age_tells_when_retention_stopped(db: Database, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.e2e.conftest import start_relay
+
+    with db.connect() as owner:  # retention has not run for two days
+        owner.execute(
+            "INSERT INTO relay.events (organization_id, event_type, entity_type, "
+            "entity_id, created_at) VALUES (%s, 'job.updated', 'job', 'old', "
+            "now() - interval '2 days')",
+            (ORG_A,),
+        )
+    relay = start_relay(db, tmp_path)
+    try:
+        age = 0.0
+        with trio.fail_after(5):  # the first sample is taken at start, in a worker thread
+            while age == 0.0:
+                body = relay.admin_get("/metrics")[1]
+                line = next(
+                    x
+                    for x in body.splitlines()
+                    if x.startswith("pgrelay_oldest_event_age_seconds ")
+                )
+                age = float(line.split()[1])
+                await trio.sleep(0.05)
+        assert 2 * 86400 - 60 < age < 2 * 86400 + 600
+    finally:
+        relay.terminate()
+
+
 async def test_sigterm_closes_clients_with_1012_and_exits_0(relay: RelayProcess) -> None:
     async with connect(relay.ws_url) as ws:
         c = Client(ws)
