@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 import psycopg
@@ -163,6 +163,24 @@ class Daemon:
     # -- run --------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
+        # Signals are ours from the first moment to the last: one arriving during
+        # start-up is handled once serving. trio re-delivers signals still queued
+        # when the receiver closes (a second SIGTERM during the final cleanup) to
+        # the handler it restores, so that handler is SIG_IGN, not the default one
+        # that would kill the process with a non-zero status.
+        stop_signals = (signal.SIGTERM, signal.SIGINT)
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stop_signals}
+        try:
+            with trio.open_signal_receiver(*stop_signals) as signals:
+                await self._serve(s, signals, task_status)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        log.info("stopped")
+
+    async def _serve(
+        self, s: Settings, signals: AsyncIterator[int], task_status: trio.TaskStatus[None]
+    ) -> None:
         await self.db.open()
         try:
             async with trio.open_nursery() as nursery:
@@ -188,37 +206,33 @@ class Daemon:
                 self.notify("READY=1")
                 nursery.start_soon(partial(sdnotify.watchdog_loop, alive=self._alive))
                 task_status.started()
-                await self._until_signalled_then_drain()
+                await self._until_signalled_then_drain(signals)
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self.db.close()
-        log.info("stopped")
 
     def _alive(self) -> bool:
         """For the systemd watchdog: the tail loop keeps turning."""
         limit = max(HEARTBEAT_MAX_AGE_S, 5 * self.settings.poll_interval_ms / 1000)
         return trio.current_time() - self.tailer.heartbeat_at < limit
 
-    async def _until_signalled_then_drain(self) -> None:
-        """First SIGTERM/SIGINT: drain gracefully. A second one: stop draining now.
-        The receiver stays open throughout, so no signal falls back to the default
-        handler (which would kill the process with a non-zero status)."""
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    async def _until_signalled_then_drain(self, signals: AsyncIterator[int]) -> None:
+        """First SIGTERM/SIGINT: drain gracefully. A second one: stop draining now."""
+        async for signum in signals:
+            log.info("stopping", signal=signal.Signals(signum).name)
+            break
+        async with trio.open_nursery() as nursery:
+
+            async def drain() -> None:
+                await self._drain()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(drain)
             async for signum in signals:
-                log.info("stopping", signal=signal.Signals(signum).name)
+                log.warning("stopping now", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
                 break
-            async with trio.open_nursery() as nursery:
-
-                async def drain() -> None:
-                    await self._drain()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(drain)
-                async for signum in signals:
-                    log.warning("stopping now", signal=signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
 
     async def _drain(self) -> None:
         """Stop accepting, close every client with 1012, wait for them (bounded)."""
