@@ -7,13 +7,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: help venv postgres chromium run test lint migrate conformance clean
+.PHONY: help venv postgres chromium run test lint migrate conformance bench clean
 
 help:
 	@echo "make run      a throwaway relay with a demo page (pgrelay dev); Ctrl-C removes it"
 	@echo "make test     install what the tests need, then run them against a real PostgreSQL"
 	@echo "make lint     ruff + mypy"
 	@echo "make migrate  apply sql/ to \$$PGRELAY_DATABASE_URL (or libpq's PG* variables)"
+	@echo "make bench    the benchmark: writes bench/results/latest.json (about 2 minutes)"
 	@echo "make conformance  Autobahn|Testsuite against the WebSocket shell (needs Python 2.7)"
 
 $(STAMP):
@@ -46,9 +47,10 @@ test: venv postgres chromium
 	$(BIN)/pytest
 
 lint: venv
-	$(BIN)/ruff check relay tests
-	$(BIN)/ruff format --check relay tests
+	$(BIN)/ruff check relay tests bench
+	$(BIN)/ruff format --check relay tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy bench
 
 migrate: venv
 	$(BIN)/pgrelay migrate
@@ -57,6 +59,12 @@ migrate: venv
 # Skipped with a message where no Python 2.7 exists; not part of `make test`.
 conformance: venv
 	tests/conformance/run.sh
+
+# The benchmark (bench/README.md): latency, throughput, idle memory, catch-up and
+# write cost on a throwaway durable cluster; writes bench/results/latest.json.
+bench: venv postgres
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

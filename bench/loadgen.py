@@ -1,0 +1,499 @@
+"""WebSocket load generator: one process holds many protocol-v1 clients.
+
+A deliberately minimal RFC 6455 client over raw non-blocking sockets and one
+epoll loop, so that the load generator costs a few microseconds per received
+frame and is never the bottleneck:
+- the upgrade response is only checked for status 101;
+- client frames are masked with the all-zero key (legal: the mask bit is set,
+  XOR with zero is the identity), so sending costs no XOR;
+- server frames are walked by their headers; an event frame is recognised by
+  its first bytes and only every `sample_every`-th one has its payload
+  timestamp read (one regex search), never a full JSON parse;
+- control frames (ready, subscribed, resync, error) are parsed with json.
+
+The orchestrator (bench.run) drives a worker through a multiprocessing pipe:
+commands are (name, args) tuples and each gets one reply. A worker also
+publishes its running count of received events in a shared array, so that
+an emitter can bound how far it runs ahead of delivery.
+
+`BlockingClient` is the same client for one connection without a loop
+(the catch-up scenario).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import json
+import os
+import re
+import resource
+import select
+import socket
+import struct
+import time
+from array import array
+from typing import Any
+
+#: Linux (asm-generic) SO_TIMESTAMPNS; SCM_TIMESTAMPNS has the same value. The kernel
+#: stamps each packet as it reaches the client's socket; on loopback that is the moment
+#: the relay's send() ran, so the measure leaves out this process's own queueing.
+SO_TIMESTAMPNS = 35
+ANC_BYTES = socket.CMSG_SPACE(16)
+TIMESPEC = struct.Struct("qq")
+TS_RE = re.compile(rb'"ts": ?([0-9.eE+-]+)')
+EVENT_PREFIX = b'{"type":"event"'
+RECV_BYTES = 64 * 1024
+
+CONNECTING, HANDSHAKE, AUTH, SUBSCRIBING, LIVE, CLOSED = range(6)
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLERRS = select.EPOLLERR | select.EPOLLHUP
+
+
+def client_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """A masked client frame (mask key 0: the payload is sent as is)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def upgrade_request(host: str, port: int, path: str = "/v1") -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Conn:
+    __slots__ = (
+        "buf",
+        "close_code",
+        "cursor",
+        "events",
+        "fd",
+        "org",
+        "out",
+        "sock",
+        "state",
+        "sub",
+        "token",
+    )
+
+    def __init__(self, sock: socket.socket, sub: str, token: str, org: str | None) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.sub = sub
+        self.token = token
+        self.org = org
+        self.state = CONNECTING
+        self.buf = b""
+        self.out = b""
+        self.events = 0
+        self.cursor: str | None = None
+        self.close_code: int | None = None
+
+
+class Worker:
+    def __init__(
+        self, pipe: Any, worker_id: int, host: str, port: int, secret: str, shared: Any
+    ) -> None:
+        self.pipe = pipe
+        self.worker_id = worker_id
+        self.host = host
+        self.port = port
+        self.secret = secret
+        self.shared = shared
+        self.ep = select.epoll()
+        self.conns: dict[int, Conn] = {}
+        self.events = 0
+        self.frames = 0
+        self.resyncs = 0
+        self.errors: dict[str, int] = {}
+        self.closes: dict[str, int] = {}
+        self.samples = array("d")
+        self.app_samples = array("d")
+        self.sample_every = 1
+        self.sample_tick = 0
+        self.batch_wait_s = 0.0
+        self.opening: dict[str, Any] | None = None
+        self.live = 0
+        self.request = upgrade_request(host, port)
+
+    # -- command side ---------------------------------------------------------------
+    def command(self) -> bool:
+        name, args = self.pipe.recv()
+        if name == "open":
+            self.start_open(args)
+            return True  # replied when done
+        if name == "snapshot":
+            per_conn = [c.events for c in self.conns.values() if c.state == LIVE]
+            reply = {
+                "events": self.events,
+                "frames": self.frames,
+                "resyncs": self.resyncs,
+                "errors": dict(self.errors),
+                "closes": dict(self.closes),
+                "live": self.live,
+                "conns": len(self.conns),
+                "per_conn_min": min(per_conn, default=0),
+                "per_conn_max": max(per_conn, default=0),
+                "samples": len(self.samples),
+            }
+            if args.get("reset_samples"):
+                self.samples = array("d")
+                self.app_samples = array("d")
+                self.sample_every = int(args.get("sample_every", self.sample_every))
+            if "batch_wait_s" in args:
+                self.batch_wait_s = float(args["batch_wait_s"])
+            self.pipe.send(reply)
+        elif name == "samples":
+            self.pipe.send((self.samples.tobytes(), self.app_samples.tobytes()))
+            self.samples = array("d")
+            self.app_samples = array("d")
+        elif name == "close_all":
+            for c in list(self.conns.values()):
+                self.close(c, None)
+            self.pipe.send({"closed": True})
+        elif name == "exit":
+            for c in list(self.conns.values()):
+                self.close(c, None)
+            self.pipe.send({"bye": True})
+            return False
+        else:
+            self.pipe.send({"error": f"unknown command {name}"})
+        return True
+
+    def start_open(self, args: dict[str, Any]) -> None:
+        from relay.auth import mint_token
+
+        self.opening = {
+            "want": int(args["count"]),
+            "started": 0,
+            "done": 0,
+            "failed": 0,
+            "org": args.get("org"),
+            "prefix": args.get("sub_prefix", "bench"),
+            "concurrency": int(args.get("concurrency", 64)),
+            "deadline": time.monotonic() + float(args.get("timeout_s", 60)),
+            "t0": time.monotonic(),
+            "mint": mint_token,
+        }
+
+    def pump_open(self) -> None:
+        op = self.opening
+        if op is None:
+            return
+        inflight = op["started"] - op["done"] - op["failed"]
+        while op["started"] < op["want"] and inflight < op["concurrency"]:
+            i = op["started"]
+            op["started"] += 1
+            inflight += 1
+            sub = f"{op['prefix']}-w{self.worker_id}-{i}"
+            orgs = [op["org"]] if op["org"] else []
+            token = op["mint"](self.secret, orgs=orgs, sub=sub, lifetime_s=3600)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            c = Conn(sock, sub, token, op["org"])
+            err = sock.connect_ex((self.host, self.port))
+            if err not in (0, errno.EINPROGRESS):
+                sock.close()
+                self.note(self.errors, f"connect:{errno.errorcode.get(err, err)}")
+                op["failed"] += 1
+                continue
+            self.conns[c.fd] = c
+            self.ep.register(c.fd, EPOLLOUT | EPOLLIN)
+        if op["done"] + op["failed"] >= op["want"] or time.monotonic() > op["deadline"]:
+            self.pipe.send(
+                {
+                    "live": op["done"],
+                    "failed": op["failed"],
+                    "pending": op["want"] - op["done"] - op["failed"],
+                    "seconds": round(time.monotonic() - op["t0"], 3),
+                    "errors": dict(self.errors),
+                    "closes": dict(self.closes),
+                }
+            )
+            self.opening = None
+
+    def opened(self, c: Conn) -> None:
+        c.state = LIVE
+        self.live += 1
+        if self.opening is not None:
+            self.opening["done"] += 1
+
+    @staticmethod
+    def note(d: dict[str, int], key: str) -> None:
+        d[key] = d.get(key, 0) + 1
+
+    # -- socket side --------------------------------------------------------------
+    def send(self, c: Conn, data: bytes) -> None:
+        if c.out:
+            c.out += data
+            return
+        try:
+            sent = c.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close(c, 1006)
+            return
+        if sent < len(data):
+            c.out = data[sent:]
+            self.ep.modify(c.fd, EPOLLIN | EPOLLOUT)
+
+    def writable(self, c: Conn) -> None:
+        if c.state == CONNECTING:
+            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.note(self.errors, f"connect:{errno.errorcode.get(err, err)}")
+                self.close(c, 1006)
+                return
+            c.state = HANDSHAKE
+            self.ep.modify(c.fd, EPOLLIN)
+            self.send(c, self.request)
+            return
+        if c.out:
+            data, c.out = c.out, b""
+            self.send(c, data)
+            if not c.out:
+                self.ep.modify(c.fd, EPOLLIN)
+
+    def close(self, c: Conn, code: int | None) -> None:
+        if c.state == CLOSED:
+            return
+        if c.state == LIVE:
+            self.live -= 1
+        elif self.opening is not None and c.state != CLOSED:
+            self.opening["failed"] += 1
+        if code is not None:
+            self.note(self.closes, str(code))
+        c.state = CLOSED
+        c.close_code = code
+        self.conns.pop(c.fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.ep.unregister(c.fd)
+        c.sock.close()
+
+    def readable(self, c: Conn) -> None:
+        try:
+            data, anc, _flags, _addr = c.sock.recvmsg(RECV_BYTES, ANC_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close(c, 1006)
+            return
+        if not data:
+            self.close(c, c.close_code or 1006)
+            return
+        now = time.time()
+        arrived = now
+        if anc:
+            sec, nsec = TIMESPEC.unpack_from(anc[0][2])
+            arrived = sec + nsec * 1e-9
+        buf = c.buf + data if c.buf else data
+        if c.state == HANDSHAKE:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                c.buf = buf
+                return
+            if b" 101 " not in buf[: buf.find(b"\r\n")]:
+                self.note(self.errors, "upgrade:" + buf[: buf.find(b"\r\n")].decode("latin-1"))
+                self.close(c, None)
+                return
+            c.state = AUTH
+            self.send(c, client_frame(json.dumps({"type": "auth", "token": c.token}).encode()))
+            buf = buf[end + 4 :]
+        # Walk the frames.
+        n = len(buf)
+        off = 0
+        events = 0
+        samples = self.samples
+        app_samples = self.app_samples
+        every = self.sample_every
+        tick = self.sample_tick
+        while n - off >= 2:
+            ln = buf[off + 1] & 0x7F
+            if ln < 126:
+                h = off + 2
+            elif ln == 126:
+                if n - off < 4:
+                    break
+                ln = (buf[off + 2] << 8) | buf[off + 3]
+                h = off + 4
+            else:
+                if n - off < 10:
+                    break
+                ln = int.from_bytes(buf[off + 2 : off + 10], "big")
+                h = off + 10
+            end = h + ln
+            if end > n:
+                break
+            op = buf[off] & 0x0F
+            if op == 1 and buf.startswith(EVENT_PREFIX, h):
+                events += 1
+                tick += 1
+                if tick >= every:
+                    tick = 0
+                    m = TS_RE.search(buf, h, end)
+                    if m is not None:
+                        sent = float(m.group(1))
+                        samples.append(arrived - sent)
+                        app_samples.append(now - sent)
+            elif op == 1:
+                self.control(c, buf[h:end])
+            elif op == 9:
+                self.send(c, client_frame(buf[h:end], 0xA))
+            elif op == 8:
+                code = int.from_bytes(buf[h : h + 2], "big") if ln >= 2 else 1005
+                c.close_code = code
+                self.close(c, code)
+                return
+            self.frames += 1
+            off = end
+        self.sample_tick = tick
+        c.buf = buf[off:] if off < n else b""
+        if events:
+            c.events += events
+            self.events += events
+            self.shared[self.worker_id] = self.events
+
+    def control(self, c: Conn, payload: bytes) -> None:
+        msg = json.loads(payload)
+        kind = msg.get("type")
+        if kind == "ready":
+            if c.state == AUTH:
+                if c.org:
+                    c.state = SUBSCRIBING
+                    self.send(
+                        c,
+                        client_frame(
+                            json.dumps(
+                                {"type": "subscribe", "ref": "s", "org": c.org, "cursor": None}
+                            ).encode()
+                        ),
+                    )
+                else:
+                    self.opened(c)
+        elif kind == "subscribed":
+            c.cursor = msg.get("cursor")
+            if c.state == SUBSCRIBING:
+                self.opened(c)
+        elif kind == "resync":
+            self.resyncs += 1
+            self.note(self.errors, "resync:" + str(msg.get("reason")))
+        elif kind == "error":
+            self.note(self.errors, "error:" + str(msg.get("code")))
+        elif kind == "unsubscribed":
+            self.note(self.errors, "unsubscribed:" + str(msg.get("reason")))
+
+    # -- loop -----------------------------------------------------------------------
+    def run(self) -> None:
+        pipe_fd = self.pipe.fileno()
+        self.ep.register(pipe_fd, EPOLLIN)
+        conns = self.conns
+        readable = self.readable
+        while True:
+            self.pump_open()
+            timeout = 0.02 if self.opening is not None else 1.0
+            ready = self.ep.poll(timeout, 512)
+            for fd, ev in ready:
+                if fd == pipe_fd:
+                    if not self.command():
+                        return
+                    continue
+                c = conns.get(fd)
+                if c is None:
+                    continue
+                if ev & EPOLLOUT:
+                    self.writable(c)
+                    if c.state == CLOSED:
+                        continue
+                if ev & (EPOLLIN | EPOLLERRS):
+                    readable(c)
+            if self.batch_wait_s and ready:
+                # Throughput mode: let frames pile up so one recv() takes many (the
+                # timestamps then read up to batch_wait_s late).
+                time.sleep(self.batch_wait_s)
+
+
+def worker_main(pipe: Any, worker_id: int, host: str, port: int, secret: str, shared: Any) -> None:
+    raise_nofile()
+    with contextlib.suppress(KeyboardInterrupt):
+        Worker(pipe, worker_id, host, port, secret, shared).run()
+
+
+class BlockingClient:
+    """One protocol-v1 connection with blocking reads (catch-up timing)."""
+
+    def __init__(self, host: str, port: int, timeout_s: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self.sock.sendall(upgrade_request(host, port))
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"upgrade refused: {head[:200]!r}")
+
+    def _fill(self) -> None:
+        data = self.sock.recv(RECV_BYTES)
+        if not data:
+            raise ConnectionError("closed by the relay")
+        self.buf += data
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(client_frame(json.dumps(message).encode()))
+
+    def recv_raw(self) -> tuple[int, bytes]:
+        while True:
+            buf = self.buf
+            if len(buf) >= 2:
+                ln = buf[1] & 0x7F
+                h = 2
+                if ln == 126 and len(buf) >= 4:
+                    ln, h = int.from_bytes(buf[2:4], "big"), 4
+                elif ln == 127 and len(buf) >= 10:
+                    ln, h = int.from_bytes(buf[2:10], "big"), 10
+                if (ln < 126 or h > 2) and len(buf) >= h + ln:
+                    self.buf = buf[h + ln :]
+                    return buf[0] & 0x0F, buf[h : h + ln]
+            self._fill()
+
+    def recv(self) -> dict[str, Any]:
+        while True:
+            op, payload = self.recv_raw()
+            if op == 1:
+                return json.loads(payload)  # type: ignore[no-any-return]
+            if op == 9:
+                self.sock.sendall(client_frame(payload, 0xA))
+            elif op == 8:
+                raise ConnectionError(f"closed by the relay: {payload[:2].hex()}")
+
+    def expect(self, kind: str) -> dict[str, Any]:
+        msg = self.recv()
+        if msg.get("type") != kind:
+            raise RuntimeError(f"expected {kind}, got {msg}")
+        return msg
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(client_frame(b"\x03\xe8", 0x8))
+        self.sock.close()
