@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,48 +103,95 @@ def database_epoch(conn: Conn) -> str:
 
 
 class TailRead:
-    """One step of the live tail: the rows visible now but not in `since`.
+    """One step of the live tail: the rows visible now (S) but not in `since`.
 
-    Use as a context manager; iterate :meth:`pages`; :attr:`snapshot` is S, the
-    `since` of the next step once every page has been delivered.
+    `open` sends BEGIN, the snapshot query and the first page in one pipelined
+    round trip, so that a typical step (one short page) costs a single trip to
+    the server and a single hop to a worker thread. `next_page` reads further
+    pages in the same snapshot. The transaction ends (and `release` gives the
+    connection back) with the first short page, or with `close` on errors.
     """
 
-    def __init__(self, conn: Conn, since: Snapshot, *, page_rows: int = PAGE_ROWS) -> None:
+    def __init__(
+        self,
+        conn: Conn,
+        since: Snapshot,
+        *,
+        page_rows: int = PAGE_ROWS,
+        release: Callable[[Conn], None] | None = None,
+    ) -> None:
         self.conn = conn
         self.since = since
         self.page_rows = page_rows
+        self.release = release
         self.snapshot: Snapshot
+        self.epoch: str | None = None
+        """relay.database_epoch() as cursors carry it, when `open` was asked for it."""
+        self.done = False
+        self.first_page: list[EventRow] = []
+        """What `open` returned (kept for the caller that opened it in a thread)."""
+        self._after_id = 0
 
-    def __enter__(self) -> TailRead:
-        self.conn.execute(_BEGIN_SNAPSHOT)
-        self.snapshot = current_snapshot(self.conn)
-        return self
+    def open(self, *, with_epoch: bool = False) -> list[EventRow]:
+        """Start the step; returns the first page."""
+        head_sql = "SELECT pg_current_snapshot()::text" + (
+            ", relay.database_epoch()" if with_epoch else ""
+        )
+        params = _since_params(self.since) | {"after": 0, "limit": self.page_rows}
+        try:
+            with self.conn.pipeline():
+                self.conn.execute(_BEGIN_SNAPSHOT)
+                head = self.conn.execute(head_sql)
+                page = self.conn.execute(TAIL_SQL, params)
+            row = head.fetchone()
+            assert row is not None
+            self.snapshot = Snapshot.parse(row[0])
+            if with_epoch:
+                self.epoch = short_epoch(str(row[1]))
+            return self._paged([_row(r) for r in page.fetchall()])
+        except BaseException:
+            self.close()
+            raise
 
-    def __exit__(self, *exc: object) -> None:
-        self.conn.execute("ROLLBACK")  # read only: nothing to commit
+    def next_page(self) -> list[EventRow]:
+        """The next page of the same snapshot (only while not `done`)."""
+        assert not self.done
+        params = _since_params(self.since) | {"after": self._after_id, "limit": self.page_rows}
+        try:
+            return self._paged([_row(r) for r in self.conn.execute(TAIL_SQL, params)])
+        except BaseException:
+            self.close()
+            raise
 
-    def next_page(self, after_id: int) -> list[EventRow]:
-        params = _since_params(self.since) | {"after": after_id, "limit": self.page_rows}
-        return [_row(r) for r in self.conn.execute(TAIL_SQL, params)]
+    def _paged(self, rows: list[EventRow]) -> list[EventRow]:
+        if len(rows) < self.page_rows:
+            self.close()
+        else:
+            self._after_id = rows[-1].id
+        return rows
 
-    def pages(self) -> Iterator[list[EventRow]]:
-        after = 0
-        while True:
-            page = self.next_page(after)
-            if page:
-                yield page
-            if len(page) < self.page_rows:
-                return
-            after = page[-1].id
+    def close(self) -> None:
+        """End the transaction (read only: nothing to commit) and release the connection."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            if not self.conn.broken:
+                self.conn.execute("ROLLBACK")
+        finally:
+            if self.release is not None:
+                self.release(self.conn)
 
 
 def read_tail(
     conn: Conn, since: Snapshot, *, page_rows: int = PAGE_ROWS
 ) -> tuple[list[EventRow], Snapshot]:
     """Every row committed between `since` and now, in id order, and the new snapshot."""
-    with TailRead(conn, since, page_rows=page_rows) as step:
-        rows = [row for page in step.pages() for row in page]
-        return rows, step.snapshot
+    step = TailRead(conn, since, page_rows=page_rows)
+    rows = step.open()
+    while not step.done:
+        rows += step.next_page()
+    return rows, step.snapshot
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ CHANNEL = "relay_events"
 RECONNECT_INITIAL_S = 0.1
 RECONNECT_MAX_S = 10.0
 RECONNECT_JITTER = 0.5
+#: The database epoch is re-read at least this often (and after every reconnect).
+EPOCH_CHECK_INTERVAL_S = 10.0
 #: After a failed tail step, wait this long before the next try.
 STEP_RETRY_S = 0.5
 
@@ -101,6 +103,8 @@ class Tailer:
         self.epoch = ""
         self.head: Snapshot | None = None
         self._listener_conn: Conn | None = None
+        self._epoch_due = True
+        self._epoch_checked_at = 0.0
         self.heartbeat_at = 0.0
         """trio time of the tail loop's last turn (the systemd watchdog checks it)."""
 
@@ -144,6 +148,7 @@ class Tailer:
                 await trio.sleep(wait)
                 continue
             backoff.reset()
+            self._epoch_due = True  # a reconnect may mean a failover: re-check the epoch
             self._listener_conn = conn
             self.listening = True
             self.metrics.listener_up.set(1)
@@ -195,39 +200,51 @@ class Tailer:
                 self.ring()
 
     async def step(self) -> int:
-        """Deliver every row committed since the last step; returns how many."""
+        """Deliver every row committed since the last step; returns how many.
+
+        A typical step is one hop to a worker thread and one pipelined round trip
+        (see reads.TailRead). The database epoch is checked on the first step,
+        after every listener reconnect, and every EPOCH_CHECK_INTERVAL_S."""
         assert self.head is not None
-        conn = await self.db.getconn()
-        delivered = 0
+        since = self.head
         started_at = trio.current_time()
+        with_epoch = self._epoch_due or started_at - self._epoch_checked_at > EPOCH_CHECK_INTERVAL_S
+        read = await self.db.in_thread(self._open_step, since, with_epoch)
+        delivered = 0
         try:
-            read = TailRead(conn, self.head, page_rows=self.page_rows)
-            await self.db.in_thread(read.__enter__)
-            try:
-                epoch = await self.db.in_thread(database_epoch, conn)
-                if epoch != self.epoch or read.snapshot.xmax < self.head.xmax:
-                    self._database_changed(epoch, read.snapshot)
-                    return 0
-                since_cursor = Cursor(self.epoch, self.head).encode()
-                head_cursor = Cursor(self.epoch, read.snapshot).encode()
-                after = 0
-                while True:
-                    page = await self.db.in_thread(read.next_page, after)
-                    last = len(page) < self.page_rows
-                    if page:
-                        delivered += len(page)
-                        self.metrics.events_read.inc(len(page))
-                        await self.sink.deliver(page, since_cursor, head_cursor if last else None)
-                    if last:
-                        break
-                    after = page[-1].id
-            finally:
-                await self.db.in_thread(read.__exit__, None, None, None)
+            if with_epoch:
+                self._epoch_due = False
+                self._epoch_checked_at = started_at
+            if (with_epoch and read.epoch != self.epoch) or read.snapshot.xmax < since.xmax:
+                self._database_changed(read.epoch or self.epoch, read.snapshot)
+                return 0
+            since_cursor = Cursor(self.epoch, since).encode()
+            head_cursor = Cursor(self.epoch, read.snapshot).encode()
+            page = read.first_page
+            while True:
+                if page:
+                    delivered += len(page)
+                    self.metrics.events_read.inc(len(page))
+                    await self.sink.deliver(
+                        page, since_cursor, None if not read.done else head_cursor
+                    )
+                if read.done:
+                    break
+                page = await self.db.in_thread(read.next_page)
             self.head = read.snapshot
         finally:
-            await self.db.putconn(conn)
+            if not read.done:  # cancelled or failed mid-step: end it, give the connection back
+                with trio.CancelScope(shield=True):
+                    await self.db.in_thread(read.close)
             self.metrics.tail_query.observe(trio.current_time() - started_at)
         return delivered
+
+    def _open_step(self, since: Snapshot, with_epoch: bool) -> TailRead:
+        """In a worker thread: take a pooled connection and start a step on it."""
+        pool = self.db.pool
+        read = TailRead(pool.getconn(), since, page_rows=self.page_rows, release=pool.putconn)
+        read.first_page = read.open(with_epoch=with_epoch)
+        return read
 
     def _database_changed(self, epoch: str, snapshot: Snapshot) -> None:
         """Restored, failed over to a diverged replica, or a different database: what
