@@ -5,7 +5,9 @@ the hub wait.
 Per connection there is one reader task (this module's `serve`); the
 WebSocket layer adds a writer task only while bytes are left over; the
 hub's timer task drives deadlines; each subscribe and recheck runs as a short
-task doing its SQL in a worker thread.
+task in the hub's nursery, doing its SQL in a worker thread, and is cancelled
+when its connection ends. An idle connection holds no nursery, no outbox and
+no task of its own beyond the reader.
 
 Handover from catch-up to live (no gap, no duplicate but the batch in
 flight): the subscription is registered *before* the catch-up snapshot S is
@@ -16,10 +18,10 @@ and the rest are delivered.
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import psycopg
 import structlog
@@ -41,6 +43,7 @@ from relay.core.registry import Subscription
 from relay.core.session import (
     Action,
     AuthorizeSubscription,
+    ClaimsJson,
     Close,
     DropSubscription,
     RecheckSubscriptions,
@@ -49,16 +52,20 @@ from relay.core.session import (
     SessionLimits,
     StartSubscription,
     VerifyToken,
+    claims_json,
 )
 from relay.database import Database
 from relay.hub import Hub
 from relay.reads import SubscribeRead, authorized_orgs, subscribe_read
+from relay.ws import CloseCode as WsCloseCode
 from relay.ws import SendResult, WsConnection, WsState, encode_text_frame
 
 #: Live rows held per subscription while its catch-up runs; beyond, it resyncs.
 MAX_HANDOVER_ROWS = 10_000
 
 log = structlog.get_logger("pgrelay.client")
+
+_A = TypeVar("_A")
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,27 @@ class _Handover:
 class Client:
     """A connection's shell state. Hashable by identity (the registry's key)."""
 
+    __slots__ = (
+        "_tasks",
+        "_timer_at",
+        "close_code",
+        "closing",
+        "config",
+        "db",
+        "events_sent",
+        "frames_received",
+        "handovers",
+        "hub",
+        "id",
+        "max_pending_bytes",
+        "outbox",
+        "peer",
+        "session",
+        "subject",
+        "verifier",
+        "ws",
+    )
+
     def __init__(
         self,
         connection_id: str,
@@ -106,12 +134,15 @@ class Client:
         self.peer = peer
         now = hub.clock()
         self.session = Session(connection_id, now, config.session)
-        self.outbox = Outbox(config.outbox, wrap=encode_text_frame)
+        self.outbox: Outbox | None = None
+        """Created on the first frame the socket could not take (`_outbox`)."""
         self.max_pending_bytes = config.max_pending_bytes
-        self.handovers: dict[uuid.UUID, _Handover] = {}
+        self.handovers: dict[uuid.UUID, _Handover] | None = None
+        """Subscriptions whose catch-up runs (None when there is none)."""
         self.closing = False
         self.close_code: int | None = None
-        self.nursery: trio.Nursery | None = None
+        self._tasks: set[trio.CancelScope] | None = None
+        """Scopes of this connection's running subscribe/recheck tasks."""
         self.events_sent = 0
         self.frames_received = 0
         self.subject: str | None = None
@@ -125,15 +156,15 @@ class Client:
         self.hub.add(self)
         started = self.hub.clock()
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                self._reschedule()
-                if bearer is not None:
-                    self.apply(self.session.received_bearer(bearer, self.hub.clock()))
-                await self._read_loop()
-                nursery.cancel_scope.cancel()
+            self._reschedule()
+            if bearer is not None:
+                self.apply(self.session.received_bearer(bearer, self.hub.clock()))
+            await self._read_loop()
         finally:
             self.closing = True
+            if self._tasks:
+                for scope in self._tasks:
+                    scope.cancel()
             self.session.connection_lost()
             self.hub.remove(self)
             if self.subject is not None:
@@ -159,6 +190,29 @@ class Client:
             self.frames_received += 1
             self.apply(self.session.received_text(message, self.hub.clock()))
 
+    def _start(self, task: Callable[[_A], Awaitable[None]], arg: _A) -> None:
+        """Run `task(arg)` in the hub's nursery, cancelled when this connection ends."""
+        self.hub.start_soon(self._run_task, task, arg)
+
+    async def _run_task(self, task: Callable[[_A], Awaitable[None]], arg: _A) -> None:
+        if self.closing:
+            return
+        with trio.CancelScope() as scope:
+            tasks = self._tasks
+            if tasks is None:
+                tasks = self._tasks = set()
+            tasks.add(scope)
+            try:
+                await task(arg)
+            except Exception:
+                # As if it had run inside the connection's handler: close 1011.
+                log.exception("connection task failed", connection_id=self.id, peer=self.peer)
+                self._close(WsCloseCode.INTERNAL_ERROR, "internal error")
+            finally:
+                tasks.discard(scope)
+                if not tasks and self._tasks is tasks:
+                    self._tasks = None
+
     def on_timer(self, when: float, now: float) -> None:
         if self.closing or when != self._timer_at:
             return  # stale entry: rescheduled since
@@ -166,7 +220,7 @@ class Client:
         self.apply(self.session.tick(now))
         for org, subscription in list(self.hub.registry.subscriptions_of(self).items()):
             coalescer = subscription.coalescer
-            if coalescer is not None and org not in self.handovers:
+            if coalescer is not None and not (self.handovers and org in self.handovers):
                 for event in coalescer.due(now):
                     self._send_event(
                         event.row,
@@ -202,10 +256,9 @@ class Client:
             elif isinstance(action, StartSubscription):
                 raise AssertionError("StartSubscription is handled by the subscribe task")
             elif isinstance(action, RecheckSubscriptions):
-                assert self.nursery is not None
-                self.nursery.start_soon(self._recheck, action)
+                self._start(self._recheck, action)
             elif isinstance(action, DropSubscription):
-                self.handovers.pop(action.org, None)
+                self._pop_handover(action.org)
                 self.hub.unsubscribe(self, action.org)
         self._reschedule()
 
@@ -234,7 +287,8 @@ class Client:
                 return
             self.hub.count_user(verified.subject, +1)
             self.subject = verified.subject
-        self.apply(self.session.token_verified(verified.claims, verified.expires_at, now))
+        claims = ClaimsJson(verified.claims_json, verified.subject)
+        self.apply(self.session.token_verified(claims, verified.expires_at, now))
 
     def close(self, code: int, reason: str) -> None:
         """Close from the server's side (e.g. 1012 on shutdown); never blocks."""
@@ -250,15 +304,16 @@ class Client:
     # -- subscribe, catch-up, handover ------------------------------------------------
     def _begin_subscribe(self, request: AuthorizeSubscription) -> None:
         # Register first, so live rows arriving during the catch-up are held.
+        if self.handovers is None:
+            self.handovers = {}
         self.handovers[request.org] = _Handover(request.request_id)
         self.hub.subscribe(
             self, request.org, Subscription(request.ref, request.event_types, request.coalesce_ms)
         )
-        assert self.nursery is not None
-        self.nursery.start_soon(self._subscribe, request)
+        self._start(self._subscribe, request)
 
     async def _subscribe(self, request: AuthorizeSubscription) -> None:
-        claims = json.dumps(dict(request.claims), separators=(",", ":"))
+        claims = claims_json(request.claims)
         try:
             read = await self.db.run(
                 subscribe_read,
@@ -278,6 +333,8 @@ class Client:
             self._abandon(request)
             self.apply(self.session.subscribe_failed(request))
             return
+        if self.closing:
+            return  # the hub dropped the connection's subscriptions (or will)
         actions = self.session.subscribe_result(request, read.allowed)
         if not any(isinstance(a, StartSubscription) for a in actions):
             self._abandon(request)
@@ -286,13 +343,22 @@ class Client:
         self._go_live(request, read)
 
     def _abandon(self, request: AuthorizeSubscription) -> None:
-        handover = self.handovers.get(request.org)
+        handover = self.handovers.get(request.org) if self.handovers else None
         if handover is not None and handover.request_id == request.request_id:
-            del self.handovers[request.org]
+            self._pop_handover(request.org)
             self.hub.unsubscribe(self, request.org)
 
+    def _pop_handover(self, org: uuid.UUID) -> _Handover | None:
+        handovers = self.handovers
+        if not handovers:
+            return None
+        handover = handovers.pop(org, None)
+        if not handovers:
+            self.handovers = None
+        return handover
+
     def _go_live(self, request: AuthorizeSubscription, read: SubscribeRead) -> None:
-        handover = self.handovers.pop(request.org, None)
+        handover = self._pop_handover(request.org)
         if self.closing or handover is None or handover.request_id != request.request_id:
             return
         now = self.hub.clock()
@@ -329,7 +395,7 @@ class Client:
                 self._offer_live(subscription, row, cursor, frame, now)
 
     async def _recheck(self, action: RecheckSubscriptions) -> None:
-        claims = json.dumps(dict(action.claims), separators=(",", ":"))
+        claims = claims_json(action.claims)
         try:
             allowed = await self.db.run(
                 authorized_orgs, self.config.subscriber_role, claims, list(action.orgs)
@@ -340,6 +406,8 @@ class Client:
                 connection_id=self.id,
                 error=str(exc).strip(),
             )
+            return
+        if self.closing:
             return
         for org in action.orgs:
             self.apply(self.session.recheck_result(org, org in allowed))
@@ -394,7 +462,7 @@ class Client:
         if not self.outbox and self.ws.send_frame_nowait(frame) is not SendResult.OVERFLOW:
             self.events_sent += 1
             return
-        self._queued(self.outbox.push_event(row, cursor, frame, now))
+        self._queued(self._outbox().push_event(row, cursor, frame, now))
 
     def _send_control(self, payload: bytes) -> None:
         if self.closing:
@@ -402,7 +470,15 @@ class Client:
         frame = encode_text_frame(payload)
         if not self.outbox and self.ws.send_frame_nowait(frame) is not SendResult.OVERFLOW:
             return
-        self._queued(self.outbox.push_frame(frame, self.hub.clock()))
+        self._queued(self._outbox().push_frame(frame, self.hub.clock()))
+
+    def _outbox(self) -> Outbox:
+        """The outbox, created when the socket first falls behind (then kept: it
+        remembers recent overflows)."""
+        outbox = self.outbox
+        if outbox is None:
+            outbox = self.outbox = Outbox(self.config.outbox, wrap=encode_text_frame)
+        return outbox
 
     def _queued(self, result: PushResult) -> None:
         if result is PushResult.RESYNCED:
@@ -410,15 +486,16 @@ class Client:
             self.hub.metrics.resyncs.labels(reason=ResyncReason.OVERFLOW.value).inc()
         elif result is PushResult.HOPELESS:
             self.hub.metrics.slow_closes.inc()
-            log.info("client too slow", connection_id=self.id, pending=self.outbox.pending_bytes)
+            log.info("client too slow", connection_id=self.id, pending=self._outbox().pending_bytes)
             self._close(CloseCode.TOO_SLOW, "too slow to keep up")
 
     def _drained(self) -> None:
         """The socket took most of what it held: move queued frames on, in one write."""
-        if not self.outbox or self.ws.state is not WsState.OPEN:
+        outbox = self.outbox
+        if not outbox or self.ws.state is not WsState.OPEN:
             return
         room = self.max_pending_bytes - self.ws.pending_bytes
-        frames = self.outbox.pop_ready(max(room, 1), self.hub.clock())
+        frames = outbox.pop_ready(max(room, 1), self.hub.clock())
         if frames:
             self.events_sent += len(frames)
             if self.ws.send_frame_nowait(b"".join(frames)) is SendResult.OVERFLOW:

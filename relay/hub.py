@@ -10,7 +10,9 @@ thousands of connections yields to the scheduler every FANOUT_CHUNK sends.
 Times are wall-clock seconds (`time.time`), because token expiry is. One
 timer task serves every connection's deadlines (auth timeout, token
 expiry, rechecks, coalescing windows) from a heap, instead of a sleeping
-task per connection.
+task per connection. The short tasks of connections (subscribe, recheck) run
+in one nursery that the timer task holds, instead of a nursery per
+connection.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import heapq
 import itertools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 import trio.lowlevel
@@ -61,6 +63,7 @@ class Hub:
         self._timer_changed = trio.Event()
         self._per_user: dict[str, int] = {}
         self._emptied = trio.Event()
+        self._tasks: trio.Nursery | None = None
 
     # -- connections ----------------------------------------------------------
     def add(self, client: Client) -> None:
@@ -150,7 +153,25 @@ class Hub:
         if first is None or when < first:
             self._timer_changed.set()
 
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Start a connection's short task in the hub's nursery (`run_timers`
+        must be running). The task must not raise, and must check whether its
+        connection is still open after each await."""
+        if self._tasks is None:
+            raise RuntimeError("Hub.run_timers is not running")
+        self._tasks.start_soon(fn, *args)
+
     async def run_timers(self) -> None:
+        """Serve every connection's deadlines, and hold the nursery of their
+        short tasks (`start_soon`); runs until cancelled."""
+        try:
+            async with trio.open_nursery() as tasks:
+                self._tasks = tasks
+                await self._run_timers()
+        finally:
+            self._tasks = None
+
+    async def _run_timers(self) -> None:
         while True:
             self._timer_changed = trio.Event()
             # Deadlines are on the wall clock (token expiry is); sleep on trio's.

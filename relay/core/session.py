@@ -37,10 +37,13 @@ ignored and returns no actions). Rules the design leaves open, decided here:
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from types import MappingProxyType
+from typing import Any
 
 from relay.core.protocol import (
     MAX_CLIENT_FRAME_BYTES,
@@ -63,6 +66,7 @@ from relay.core.ratelimit import TokenBucket
 __all__ = [
     "Action",
     "AuthorizeSubscription",
+    "ClaimsJson",
     "Close",
     "DropSubscription",
     "RecheckSubscriptions",
@@ -72,6 +76,7 @@ __all__ = [
     "SessionState",
     "StartSubscription",
     "VerifyToken",
+    "claims_json",
 ]
 
 MAX_CLOSE_REASON_BYTES = 123
@@ -213,19 +218,80 @@ class _Sub:
 _DEFERRED_BINARY = BadMessage(None, "binary frames are not supported")
 
 
+class ClaimsJson(Mapping[str, object]):
+    """Verified claims kept as the compact JSON that `request.jwt.claims` takes.
+
+    A session holds its claims for the connection's whole life: this is far
+    smaller than the decoded dict, and the shell needs no re-encoding per
+    subscribe or recheck. `sub` is kept apart; other lookups decode the JSON
+    each time."""
+
+    __slots__ = ("json", "subject")
+
+    def __init__(self, claims_json: str, subject: str | None) -> None:
+        self.json = claims_json
+        """The claims, as `TokenVerifier` encoded them."""
+        self.subject = subject
+        """The `sub` claim (None when absent)."""
+
+    def _decoded(self) -> dict[str, Any]:
+        decoded: dict[str, Any] = json.loads(self.json)
+        return decoded
+
+    def __getitem__(self, key: str) -> object:
+        if key == "sub":
+            if self.subject is None:
+                raise KeyError(key)
+            return self.subject
+        return self._decoded()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+
+def claims_json(claims: Mapping[str, object]) -> str:
+    """The JSON for `set_config('request.jwt.claims', ...)`."""
+    if isinstance(claims, ClaimsJson):
+        return claims.json
+    return json.dumps(dict(claims), separators=(",", ":"))
+
+
+_NO_CLAIMS: Mapping[str, object] = MappingProxyType({})
+
+
 class Session:
     """One WebSocket connection's protocol state (sans-IO)."""
+
+    __slots__ = (
+        "_auth_deadline",
+        "_bad_streak",
+        "_bucket",
+        "_deferred",
+        "_next_recheck",
+        "_request_ids",
+        "_subs",
+        "_verifying",
+        "claims",
+        "connection_id",
+        "expires_at",
+        "limits",
+        "state",
+    )
 
     def __init__(self, connection_id: str, now: float, limits: SessionLimits | None = None) -> None:
         self.connection_id = connection_id
         self.limits = limits or SessionLimits()
         self.state = SessionState.AWAITING_AUTH
-        self.claims: Mapping[str, object] = {}
+        self.claims: Mapping[str, object] = _NO_CLAIMS
         self.expires_at = 0.0
         self._auth_deadline = now + self.limits.auth_timeout_s
         self._next_recheck = 0.0
         self._verifying = 0
-        self._deferred: list[ClientMessage | BadMessage] = []
+        self._deferred: list[ClientMessage | BadMessage] | None = None
+        """Frames held while the first token is verified (None when none)."""
         self._bucket = TokenBucket(self.limits.rate_per_s, self.limits.rate_burst, now)
         self._bad_streak = 0
         self._subs: dict[uuid.UUID, _Sub] = {}
@@ -285,6 +351,8 @@ class Session:
             ref = getattr(message, "ref", None)
             return self._bad(ref, ErrorCode.RATE_LIMITED, "too many frames; slow down")
         if self.state is SessionState.AWAITING_AUTH and self._verifying:
+            if self._deferred is None:
+                self._deferred = []
             if len(self._deferred) >= self.limits.max_deferred_frames:
                 return self._close(CloseCode.TOO_MANY_BAD_FRAMES, "too many frames before ready")
             self._deferred.append(message)
@@ -383,7 +451,7 @@ class Session:
         actions: list[Action] = [Send(encode_ready(self.connection_id, expires_at))]
         self._next_recheck = now + self.limits.recheck_interval_s
         if first:
-            deferred, self._deferred = self._deferred, []
+            deferred, self._deferred = self._deferred or (), None
             for message in deferred:
                 if self.state is SessionState.CLOSED:
                     break
@@ -481,5 +549,5 @@ class Session:
 
     def _close(self, code: CloseCode, reason: str) -> list[Action]:
         self.state = SessionState.CLOSED
-        self._deferred = []
+        self._deferred = None
         return [Close(code, reason)]

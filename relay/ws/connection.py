@@ -3,11 +3,12 @@
 Writing. Server frames are encoded once by the caller (`encode_text_frame`)
 and offered with `send_frame_nowait`, which never awaits: with nothing
 pending it makes one non-blocking `send()`; whatever the kernel did not take
-goes to a bounded pending buffer, and the connection's writer task (the only
-task that waits for writability) sends everything pending in one `send()`
-when the socket drains. A frame that would push the pending bytes over
-`max_pending_bytes` is refused (`SendResult.OVERFLOW`), so the caller decides
-what to do with a slow client. A reset peer marks the connection closed;
+goes to a bounded pending buffer, and a writer task (the only task that waits
+for writability) sends everything pending in one `send()` when the socket
+drains. The writer exists only while bytes are pending or a close is under
+way: an idle connection has no writer task. A frame that would push the
+pending bytes over `max_pending_bytes` is refused (`SendResult.OVERFLOW`), so
+the caller decides what to do with a slow client. A reset peer marks the connection closed;
 nothing ever raises into the caller.
 
 Reading. `receive_message` (text only; binary closes with 1003) and
@@ -23,13 +24,17 @@ dropped until the peer's close frame or EOF, and only then is the socket
 closed: closing with unread input would send a TCP RST that can destroy the
 close frame in flight. Every step is bounded by `close_timeout_s`.
 
-Tasks. The server runs each connection in one task (the handler runs in it)
-plus the writer task, which also runs the heartbeat: a ping every
-`ping_interval_s`, close 1011 when the pong is `pong_timeout_s` late.
+Tasks. The server runs each connection in one task (the handler runs in it).
+Its `ConnectionGroup` holds what connections share: the nursery their writer
+tasks are spawned in (on demand), and one heartbeat timer for all of them: a
+ping every `ping_interval_s`, close 1011 when the pong is `pong_timeout_s`
+late.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import socket
 from collections.abc import Awaitable, Callable
@@ -46,7 +51,7 @@ from relay.ws.handshake import WsRequest
 from relay.ws.limits import WsLimits
 from relay.ws.sockets import SEND_FLAGS, close_socket, recv_some
 
-__all__ = ["Handler", "SendResult", "WsConnection", "WsState"]
+__all__ = ["ConnectionGroup", "Handler", "SendResult", "WsConnection", "WsState"]
 
 _log = structlog.get_logger("relay.ws")
 
@@ -97,12 +102,81 @@ def _check_close_code(code: int) -> None:
         raise ValueError(f"close code {code} cannot be sent")
 
 
+HEARTBEAT_CHUNK = 2000
+"""Heartbeats handled between two checkpoints of the heartbeat timer."""
+
+_TimerEntry = list[Any]
+"""[when, sequence number, connection or None once forgotten]: a heap entry."""
+
+
+class ConnectionGroup:
+    """What the connections of one server share: the nursery their writer tasks
+    are spawned in, and one heartbeat timer for all of them (a heap of
+    deadlines, instead of a sleeping task per connection)."""
+
+    __slots__ = ("_changed", "_heap", "_seq", "nursery")
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        """Where writer tasks run; it must outlive every connection of the group."""
+        self._heap: list[_TimerEntry] = []
+        self._seq = itertools.count()
+        self._changed = trio.Event()
+
+    def watch(self, connection: WsConnection) -> None:
+        """Start `connection`'s heartbeat (no-op when its ping interval is infinite)."""
+        when = connection._heartbeat_due()
+        if math.isfinite(when):
+            self._push(connection, when)
+
+    def forget(self, connection: WsConnection) -> None:
+        """Drop `connection`'s heartbeat, so the heap no longer holds it."""
+        entry = connection._timer
+        if entry is not None:
+            entry[2] = None
+            connection._timer = None
+
+    def _push(self, connection: WsConnection, when: float) -> None:
+        entry: _TimerEntry = [when, next(self._seq), connection]
+        connection._timer = entry
+        heap = self._heap
+        heapq.heappush(heap, entry)
+        if heap[0] is entry:
+            self._changed.set()
+
+    async def run_heartbeats(self) -> None:
+        """Ping each connection every `ping_interval_s`; close 1011 when a pong is
+        `pong_timeout_s` late. Runs until cancelled."""
+        heap = self._heap
+        while True:
+            self._changed = trio.Event()
+            with trio.move_on_at(heap[0][0] if heap else math.inf):
+                await self._changed.wait()
+            now = trio.current_time()
+            budget = HEARTBEAT_CHUNK
+            while heap and heap[0][0] <= now:
+                entry = heapq.heappop(heap)
+                connection: WsConnection | None = entry[2]
+                if connection is None:
+                    continue  # forgotten
+                connection._timer = None
+                when = connection._heartbeat_tick(now)
+                if math.isfinite(when):
+                    self._push(connection, when)
+                budget -= 1
+                if budget <= 0:
+                    budget = HEARTBEAT_CHUNK
+                    await trio.lowlevel.checkpoint()
+                    now = trio.current_time()
+
+
 class WsConnection:
     """An upgraded connection; created by `WsServer`, handed to the handler."""
 
     __slots__ = (
         "_close_code",
         "_close_reason",
+        "_group",
         "_limits",
         "_message_bytes",
         "_next_ping_at",
@@ -111,12 +185,13 @@ class WsConnection:
         "_pending",
         "_ping_sent_at",
         "_progress_lot",
-        "_read_lock",
         "_read_scope",
+        "_reading",
         "_sock",
         "_state",
+        "_timer",
         "_write_shut",
-        "_writer_lot",
+        "_writing",
         "_ws",
         "request",
     )
@@ -127,19 +202,23 @@ class WsConnection:
         request: WsRequest,
         limits: WsLimits,
         trailing_data: bytes = b"",
+        *,
+        group: ConnectionGroup,
     ) -> None:
         """Wrap an upgraded, non-blocking socket; `trailing_data` is input read
-        past the upgrade request."""
+        past the upgrade request; `group` is the server's (writer nursery,
+        heartbeat timer)."""
         self._sock = sock
+        self._group = group
         self.request: Final = request
         """The upgrade request this connection came from."""
         self._limits = limits
         self._ws = Connection(ConnectionType.SERVER, extensions=None, trailing_data=trailing_data)
         self._state = WsState.OPEN
         self._pending = bytearray()
-        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._writing = False
         self._progress_lot: trio.lowlevel.ParkingLot | None = None
-        self._read_lock = trio.Lock()
+        self._reading = False
         self._read_scope: trio.CancelScope | None = None
         self._write_shut = False
         self._close_code: int | None = None
@@ -149,6 +228,7 @@ class WsConnection:
         self._message_bytes = 0
         self._ping_sent_at: float | None = None
         self._next_ping_at = trio.current_time() + limits.ping_interval_s
+        self._timer: _TimerEntry | None = None
 
     # -- state ------------------------------------------------------------------
     @property
@@ -176,7 +256,7 @@ class WsConnection:
         """Offer one encoded frame; never awaits, never raises for a broken peer.
 
         With nothing pending this is one non-blocking `send()`; leftover bytes
-        are queued for the writer task. With bytes pending the frame is
+        are queued for a writer task. With bytes pending the frame is
         appended, so queued frames go out together in one `send()`.
         """
         if self._state is not WsState.OPEN:
@@ -212,7 +292,7 @@ class WsConnection:
             await self._progress().park()
 
     def set_drain_callback(self, callback: Callable[[], None] | None) -> None:
-        """Call `callback` each time the writer task's send leaves at most
+        """Call `callback` each time a writer task's send leaves at most
         `drain_low_water_bytes` pending while open (so the owner can move more
         frames from its own outbox). It runs in the writer task; it must not
         block or raise."""
@@ -269,7 +349,7 @@ class WsConnection:
         if sent == len(frame):
             return SendResult.SENT
         self._pending = bytearray(memoryview(frame)[sent:])
-        self._writer_lot.unpark_all()
+        self._start_writer()
         return SendResult.QUEUED
 
     def _send_control(self, frame: bytes, *, droppable: bool) -> None:
@@ -318,37 +398,45 @@ class WsConnection:
             return self._next_ping_at
         return self._ping_sent_at + self._limits.pong_timeout_s
 
-    def _heartbeat(self) -> None:
-        if self._ping_sent_at is not None:
-            self._begin_close(CloseCode.INTERNAL_ERROR, "ping timeout")
-        elif self._ws.state is ConnectionState.OPEN:
-            self._ping_sent_at = trio.current_time()
-            self._send_control(self._ws.send(Ping()), droppable=False)
+    def _heartbeat_tick(self, now: float) -> float:
+        """The heartbeat timer's call at or after the due time: ping, or close
+        1011 when the pong is late. Returns the next due time (inf: none)."""
+        if self._heartbeat_due() <= now:
+            if self._ping_sent_at is not None:
+                self._begin_close(CloseCode.INTERNAL_ERROR, "ping timeout")
+            elif self._ws.state is ConnectionState.OPEN:
+                self._ping_sent_at = now
+                self._send_control(self._ws.send(Ping()), droppable=False)
+        return self._heartbeat_due()
 
-    async def _run_writer(self, scope: trio.CancelScope) -> None:
-        """The only task that waits for writability; it also runs the heartbeat.
+    def _start_writer(self) -> None:
+        """Make sure a writer task runs: bytes are pending, or a close began."""
+        if not self._writing and self._state is not WsState.CLOSED:
+            self._writing = True
+            self._group.nursery.start_soon(self._run_writer)
 
-        `scope` shields it: when the connection is cancelled, the close frame
-        must still go out. It ends by itself once the write side is shut or the
-        socket closed, and `_run` cancels `scope` after closing the socket.
+    async def _run_writer(self) -> None:
+        """The only task that waits for writability; one at most per connection.
+
+        It runs while bytes are pending, and when closing it shuts the write side
+        once the close frame is out. It is shielded: when the connection is
+        cancelled, the close frame must still go out; the connection's own task
+        always closes the socket (within `close_timeout_s`), which ends it.
         """
-        with scope:
-            try:
+        try:
+            with trio.CancelScope(shield=True):
                 while self._state is not WsState.CLOSED:
                     if self._pending:
-                        with trio.move_on_at(self._heartbeat_due()):
-                            await trio.lowlevel.wait_writable(self._sock)
-                            self._flush()
-                    elif self._state is WsState.CLOSING:
-                        self._shutdown_write()
-                        return
+                        await trio.lowlevel.wait_writable(self._sock)
+                        self._flush()
                     else:
-                        with trio.move_on_at(self._heartbeat_due()):
-                            await self._writer_lot.park()
-                    if trio.current_time() >= self._heartbeat_due():
-                        self._heartbeat()
-            except trio.ClosedResourceError:
-                return  # closed under us by the teardown: nothing more to write
+                        if self._state is WsState.CLOSING and not self._write_shut:
+                            self._shutdown_write()
+                        return
+        except trio.ClosedResourceError:
+            pass  # closed under us by the teardown: nothing more to write
+        finally:
+            self._writing = False
 
     def _shutdown_write(self) -> None:
         """Everything including the close frame is out: send FIN."""
@@ -362,14 +450,16 @@ class WsConnection:
             self._progress_lot.unpark_all()
 
     def _progress(self) -> trio.lowlevel.ParkingLot:
-        """Where tasks wait for the writer's progress (created on first use)."""
+        """Where tasks wait for the writer's progress or for the read side to be
+        free (created on first use; waiters re-check their condition)."""
         if self._progress_lot is None:
             self._progress_lot = trio.lowlevel.ParkingLot()
         return self._progress_lot
 
     # -- internals: reading -------------------------------------------------------
     async def _receive(self, *, allow_binary: bool) -> str | bytes | None:
-        async with self._read_lock:
+        await self._acquire_reading()
+        try:
             while self._state is WsState.OPEN:
                 for event in self._ws.events():
                     result = self._on_event(event, allow_binary)
@@ -378,6 +468,20 @@ class WsConnection:
                 if not await self._read_some():
                     break
             return None
+        finally:
+            self._release_reading()
+
+    async def _acquire_reading(self) -> None:
+        """One reader at a time (a lock without a lock object per connection)."""
+        await trio.lowlevel.checkpoint()
+        while self._reading:
+            await self._progress().park()
+        self._reading = True
+
+    def _release_reading(self) -> None:
+        self._reading = False
+        if self._progress_lot is not None:
+            self._progress_lot.unpark_all()
 
     async def _read_some(self) -> bool:
         """Feed the next input to wsproto; False when reading must stop."""
@@ -475,6 +579,7 @@ class WsConnection:
                 self._ws.send(CloseConnection(code=code, reason=reason or None)),
                 droppable=False,
             )
+        self._start_writer()  # it sends what is pending, then shuts the write side
         self._wake_all()
 
     def _mark_broken(self) -> None:
@@ -488,7 +593,6 @@ class WsConnection:
         self._wake_all()
 
     def _wake_all(self) -> None:
-        self._writer_lot.unpark_all()
         if self._progress_lot is not None:
             self._progress_lot.unpark_all()
         if self._read_scope is not None:
@@ -502,8 +606,11 @@ class WsConnection:
                 while self._state is WsState.CLOSING and not self._write_shut:
                     await self._progress().park()
                 if self._state is WsState.CLOSING:
-                    async with self._read_lock:
+                    await self._acquire_reading()
+                    try:
                         await self._read_until_peer_closed()
+                    finally:
+                        self._release_reading()
         finally:
             self._close_socket()
 
@@ -538,20 +645,18 @@ class WsConnection:
         self._wake_all()
 
     async def _run(self, handler: Handler) -> None:
-        """Run `handler` beside the writer task, then finish the close (server use)."""
+        """Run `handler`, then finish the close (server use)."""
         code, reason = CloseCode.GOING_AWAY, "going away"
-        writer_scope = trio.CancelScope(shield=True)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._run_writer, writer_scope)
-            try:
-                await handler(self, self.request)
-                code, reason = CloseCode.NORMAL, ""
-            except Exception:
-                _log.exception("ws_handler_failed", peer=self.request.peer)
-                code, reason = CloseCode.INTERNAL_ERROR, "internal error"
-            finally:
-                with trio.move_on_after(self._limits.close_timeout_s, shield=True):
-                    self._begin_close(code, reason)
-                    await self._finish()
-                self._close_socket()
-                writer_scope.cancel()
+        self._group.watch(self)
+        try:
+            await handler(self, self.request)
+            code, reason = CloseCode.NORMAL, ""
+        except Exception:
+            _log.exception("ws_handler_failed", peer=self.request.peer)
+            code, reason = CloseCode.INTERNAL_ERROR, "internal error"
+        finally:
+            self._group.forget(self)
+            with trio.move_on_after(self._limits.close_timeout_s, shield=True):
+                self._begin_close(code, reason)
+                await self._finish()
+            self._close_socket()

@@ -12,7 +12,7 @@ import base64
 import binascii
 import hashlib
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import h11
@@ -25,34 +25,24 @@ _WS_VERSION = "13"
 
 @dataclass(frozen=True, slots=True)
 class WsRequest:
-    """An upgrade request that passed the checks, as the handler sees it."""
+    """An upgrade request that passed the checks, as the handler sees it.
+
+    It lives as long as its connection, so it keeps only what the handler and
+    the handshake use, not every header.
+    """
 
     path: str
     """Request path, without the query string."""
     query: str
     """Query string after `?` (empty when absent); tokens never travel here."""
-    headers: tuple[tuple[str, str], ...]
-    """All headers in arrival order; names lower-case, values decoded as latin-1."""
     peer: tuple[str, int]
     """Client address and port as the socket reports them."""
-
-    def header(self, name: str) -> str | None:
-        """The first value of header `name` (case-insensitive), or None."""
-        wanted = name.lower()
-        for key, value in self.headers:
-            if key == wanted:
-                return value
-        return None
-
-    @property
-    def authorization(self) -> str | None:
-        """The `Authorization` header, if any (never log it)."""
-        return self.header("authorization")
-
-    @property
-    def origin(self) -> str | None:
-        """The `Origin` header, if any (browsers send it; native clients usually don't)."""
-        return self.header("origin")
+    authorization: str | None = field(default=None, repr=False)
+    """The first `Authorization` header, if any (never log it)."""
+    origin: str | None = None
+    """The first `Origin` header, if any (browsers send it; native clients usually don't)."""
+    key: str = field(default="", repr=False)
+    """`Sec-WebSocket-Key`, for the `101` response."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +59,13 @@ class WsReject:
     def __post_init__(self) -> None:
         if not 400 <= self.status <= 599:
             raise ValueError(f"WsReject.status must be 4xx or 5xx, got {self.status}")
+
+
+def _first(headers: list[tuple[str, str]], name: str) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
 def _tokens(headers: list[tuple[str, str]], name: str) -> set[str]:
@@ -127,14 +124,19 @@ def check_upgrade(
         origins = [v for k, v in headers if k == "origin"]
         if any(origin not in allowed_origins for origin in origins):
             return WsReject(403, "origin not allowed")
-    return WsRequest(path=req_path, query=query, headers=tuple(headers), peer=peer)
+    return WsRequest(
+        path=path,  # == req_path; the server's string is shared by every request
+        query=query,
+        peer=peer,
+        authorization=_first(headers, "authorization"),
+        origin=_first(headers, "origin"),
+        key=keys[0],
+    )
 
 
 def accept_response(request: WsRequest) -> bytes:
     """The `101 Switching Protocols` response for a checked request."""
-    key = request.header("sec-websocket-key")
-    assert key is not None, "check_upgrade guarantees the key"
-    accept = base64.b64encode(hashlib.sha1(key.strip().encode("ascii") + _WS_GUID).digest())
+    accept = base64.b64encode(hashlib.sha1(request.key.encode("ascii") + _WS_GUID).digest())
     return (
         b"HTTP/1.1 101 Switching Protocols\r\n"
         b"Upgrade: websocket\r\n"

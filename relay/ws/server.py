@@ -5,10 +5,12 @@
     ...
     await server.shutdown(CloseCode.SERVICE_RESTART, "server restarting")
 
-Every connection task lives in the server's connection nursery; `serve`
-returns only after all of them ended. `shutdown` stops accepting (new TCP
-connections are refused), closes every open connection with the given code,
-gives them `timeout_s` to finish, then cancels the rest.
+Every connection task, and every writer task a connection spawns while it has
+bytes pending, lives in the server's connection nursery; one heartbeat task
+pings them all. `serve` returns only after all of them ended. `shutdown`
+stops accepting (new TCP connections are refused), closes every open
+connection with the given code, gives them `timeout_s` to finish, then
+cancels the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import h11
 import structlog
 import trio
 
-from relay.ws.connection import Handler, WsConnection
+from relay.ws.connection import ConnectionGroup, Handler, WsConnection
 from relay.ws.frames import CloseCode
 from relay.ws.handshake import WsReject, WsRequest, accept_response, check_upgrade, reject_response
 from relay.ws.limits import WsLimits
@@ -72,6 +74,7 @@ class WsServer:
         self._allowed_origins = frozenset(allowed_origins)
         self._on_request = on_request
         self._connections: set[WsConnection] = set()
+        self._group: ConnectionGroup | None = None
         self._port: int | None = None
         self._accept_scope: trio.CancelScope | None = None
         self._stopping = False
@@ -103,16 +106,21 @@ class WsServer:
         listener = await bind_listener(host, port, self._limits.accept_backlog)
         try:
             self._port = int(listener.getsockname()[1])
-            async with trio.open_nursery() as connections:
-                with trio.CancelScope() as accept_scope:
-                    self._accept_scope = accept_scope
-                    if self._stopping:
-                        accept_scope.cancel()
-                    task_status.started(self._port)
-                    await self._accept_loop(listener, connections)
-                close_socket(listener)
-                # shutdown(): connections were asked to close; cut off the rest.
-                connections.cancel_scope.deadline = self._stop_deadline
+            async with trio.open_nursery() as heartbeat:
+                async with trio.open_nursery() as connections:
+                    self._group = ConnectionGroup(connections)
+                    if math.isfinite(self._limits.ping_interval_s):
+                        heartbeat.start_soon(self._group.run_heartbeats)
+                    with trio.CancelScope() as accept_scope:
+                        self._accept_scope = accept_scope
+                        if self._stopping:
+                            accept_scope.cancel()
+                        task_status.started(self._port)
+                        await self._accept_loop(listener, connections)
+                    close_socket(listener)
+                    # shutdown(): connections were asked to close; cut off the rest.
+                    connections.cancel_scope.deadline = self._stop_deadline
+                heartbeat.cancel_scope.cancel()
         finally:
             close_socket(listener)
             self._stopped.set()
@@ -222,7 +230,8 @@ class WsServer:
     async def _run_connection(
         self, sock: socket.socket, request: WsRequest, trailing: bytes
     ) -> None:
-        connection = WsConnection(sock, request, self._limits, trailing)
+        assert self._group is not None
+        connection = WsConnection(sock, request, self._limits, trailing, group=self._group)
         started = trio.current_time()
         self._connections.add(connection)
         if self._stopping:  # shutdown() began while this one was upgrading

@@ -14,6 +14,7 @@ from relay.core.protocol import CloseCode
 from relay.core.session import (
     Action,
     AuthorizeSubscription,
+    ClaimsJson,
     Close,
     DropSubscription,
     RecheckSubscriptions,
@@ -23,6 +24,7 @@ from relay.core.session import (
     SessionState,
     StartSubscription,
     VerifyToken,
+    claims_json,
 )
 
 ORG = uuid.UUID("0b7e6d1c-2f4a-4c1e-9a53-3d6f0c2b8e11")
@@ -208,6 +210,36 @@ def test_refresh_with_another_subject_closes_4001() -> None:
     s = ready_session()
     s.received_text(auth("other"), 1.0)
     out = s.token_verified({"sub": "user-2"}, EXP, 1.0)
+    assert closes(out) == [Close(CloseCode.TOKEN_INVALID, "token subject changed")]
+
+
+def test_claims_kept_as_json_read_like_the_dict() -> None:
+    text = json.dumps(CLAIMS, separators=(",", ":"))
+    claims = ClaimsJson(text, "user-1")
+    assert claims == CLAIMS and dict(claims) == CLAIMS and len(claims) == 2
+    assert claims.get("sub") == "user-1" and claims["org_id"] == str(ORG)
+    assert claims.get("exp") is None and ClaimsJson("{}", None).get("sub") is None
+    assert claims_json(claims) is text
+    assert claims_json(CLAIMS) == text
+
+
+def test_claims_as_json_drive_the_session_like_a_dict() -> None:
+    def as_json(claims: dict[str, object]) -> ClaimsJson:
+        sub = claims.get("sub")
+        return ClaimsJson(json.dumps(claims), sub if isinstance(sub, str) else None)
+
+    s = Session("c1", 0.0)
+    s.received_text(auth(), 0.0)
+    s.token_verified(as_json(CLAIMS), EXP, 0.0)
+    assert s.subject == "user-1"
+    (request,) = [
+        a for a in s.received_text(subscribe(), 1.0) if isinstance(a, AuthorizeSubscription)
+    ]
+    assert claims_json(request.claims) == json.dumps(CLAIMS)
+    s.received_text(auth("same"), 1.0)
+    assert closes(s.token_verified(as_json(CLAIMS), EXP, 1.0)) == []
+    s.received_text(auth("other"), 2.0)
+    out = s.token_verified(as_json({"sub": "user-2"}), EXP, 2.0)
     assert closes(out) == [Close(CloseCode.TOKEN_INVALID, "token subject changed")]
 
 

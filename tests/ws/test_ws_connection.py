@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto.events import Ping, TextMessage
 
@@ -326,3 +327,71 @@ async def test_send_message_waits_for_room_instead_of_overflowing() -> None:
             for i in range(300):
                 assert (await ws.get_message())[:4] == f"{i:04d}"
             await done.wait()
+
+
+def _tasks_named(suffix: str) -> list[trio.lowlevel.Task]:
+    found = []
+    pending = [trio.lowlevel.current_root_task()]
+    while pending:
+        task = pending.pop()
+        assert task is not None
+        if task.name.endswith(suffix):
+            found.append(task)
+        pending += [t for n in task.child_nurseries for t in n.child_tasks]
+    return found
+
+
+async def test_an_idle_connection_is_one_task_and_a_writer_runs_only_while_bytes_wait() -> None:
+    """Per-connection memory: no writer task, nursery or heartbeat task while idle."""
+    limits = dataclasses.replace(FAST, max_pending_bytes=1 << 20, ping_interval_s=30.0)
+    async with serving(hold_open, limits=limits) as served:
+        clients = []
+        for _ in range(3):
+            client = await RawClient.connect(served.port, rcvbuf=4096)
+            await client.upgrade()
+            clients.append(client)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(served.connections) == 3
+        connection_tasks = _tasks_named("._handle_client")
+        assert len(connection_tasks) == 3
+        assert all(not task.child_nurseries for task in connection_tasks)
+        assert _tasks_named("._run_writer") == []
+        assert len(_tasks_named(".run_heartbeats")) == 1
+
+        connection = served.connections[0]
+        frame = encode_text_frame(b"w" * 1000)
+        sent = 0
+        while connection.pending_bytes == 0:
+            assert connection.send_frame_nowait(frame).accepted
+            sent += 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(_tasks_named("._run_writer")) == 1
+        with trio.fail_after(5):
+            for _ in range(sent):
+                assert isinstance(await clients[0].next_event(), TextMessage)
+            await connection.wait_pending_at_most(0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert _tasks_named("._run_writer") == []
+        assert connection.send_frame_nowait(frame) is SendResult.SENT
+        for client in clients:
+            client.close()
+
+
+async def test_one_heartbeat_timer_pings_every_connection() -> None:
+    limits = dataclasses.replace(FAST, ping_interval_s=0.1, pong_timeout_s=0.2)
+    async with serving(limits=limits) as served:  # echo
+        silent = []
+        for _ in range(3):
+            client = await RawClient.connect(served.port)
+            await client.upgrade()
+            silent.append(client)
+        async with open_websocket_url(served.url) as answering:  # answers pings
+            with trio.fail_after(3):
+                for client in silent:
+                    events, close, _ = await client.read_until_close()
+                    assert any(isinstance(e, Ping) for e in events)
+                    assert close is not None and close.code == 1011
+            await answering.send_message("still here")
+            assert await answering.get_message() == "still here"
+        for client in silent:
+            client.close()
