@@ -27,14 +27,18 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import structlog
     import trio
 
     from relay import config, logs, sdnotify
     from relay.daemon import Daemon
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
-    settings = config.load(flags, os.environ, args.config)
+    deprecated: list[str] = []
+    settings = config.load(flags, os.environ, args.config, warn=deprecated.append)
     logs.configure(settings.log_level, settings.log_format)
+    for message in deprecated:
+        structlog.get_logger("pgrelay.config").warning("deprecated setting", detail=message)
     daemon = Daemon(settings, notify=sdnotify.notify)
     trio.run(daemon.run)
     return 0

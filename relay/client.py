@@ -1,19 +1,17 @@
-"""One WebSocket client in the trio shell: carries out what its Session (the
-pure state machine) asks for, and delivers events to it without ever making
-the hub wait.
+"""One WebSocket connection in the trio shell: it carries out what its Session
+(the pure state machine) asks for, and nothing else.
 
-Per connection there is one reader task (this module's `serve`); the
-WebSocket layer adds a writer task only while bytes are left over; the
-hub's timer task drives deadlines; each subscribe and recheck runs as a short
-task in the hub's nursery, doing its SQL in a worker thread, and is cancelled
-when its connection ends. An idle connection holds no nursery, no outbox and
-no task of its own beyond the reader.
+The shell only does I/O: the read loop, SQL in worker threads (through
+`SubscriberReads`), handing the session's output to the socket, closing.
+Every decision (what to send, when to read a catch-up page, when a client is
+too slow, every deadline) is the session's.
 
-Handover from catch-up to live (no gap, no duplicate but the batch in
-flight): the subscription is registered *before* the catch-up snapshot S is
-taken, and live rows arriving meanwhile are held. After the replay and the
-`subscribed` frame, held rows already visible in S (so replayed) are dropped
-and the rest are delivered.
+Per connection there is one reader task (`serve`); the WebSocket layer adds
+a writer task only while bytes wait to be sent, and calls `_drained` when it
+has sent most of them; the scheduler's timer task calls `on_timer`; each
+catch-up read and recheck runs as a short task in the scheduler's nursery and
+is cancelled when its connection ends. An idle connection holds no task of
+its own beyond the reader.
 """
 
 from __future__ import annotations
@@ -21,178 +19,232 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-import psycopg
 import structlog
 import trio
 
+from relay.admission import Admission
 from relay.auth import AuthError, TokenVerifier
-from relay.core.cursor import Cursor, Fresh, Replay, Resync, ResyncReason
-from relay.core.outbox import Outbox, OutboxLimits, PushResult
-from relay.core.protocol import (
-    CloseCode,
-    ErrorCode,
-    EventRow,
-    encode_error,
-    encode_event,
-    encode_resync,
-    encode_subscribed,
-)
-from relay.core.registry import Subscription
+from relay.core.codes import CloseCode, ErrorCode
+from relay.core.cursor import Snapshot
+from relay.core.outbox import Output, OutputLimits
+from relay.core.protocol import EventRow, encode_error
 from relay.core.session import (
     Action,
-    AuthorizeSubscription,
     ClaimsJson,
     Close,
-    DropSubscription,
+    Follow,
+    ReadCatchUp,
     RecheckSubscriptions,
-    Send,
+    ScheduleTick,
     Session,
     SessionLimits,
-    StartSubscription,
+    Unfollow,
     VerifyToken,
     claims_json,
 )
-from relay.database import Database
-from relay.hub import Hub
-from relay.reads import SubscribeRead, authorized_orgs, subscribe_read
-from relay.ws import CloseCode as WsCloseCode
-from relay.ws import SendResult, WsConnection, WsState, encode_text_frame
+from relay.core.stats import Stats
+from relay.core.subscription import CatchUpPage, CatchUpQuery, Subscription
+from relay.errors import ReadFailed
+from relay.hub import Fanout
+from relay.metrics import Metrics
+from relay.scheduler import Scheduler
+from relay.ws import WsConnection, encode_text_frame
 
-#: Live rows held per subscription while its catch-up runs; beyond, it resyncs.
-MAX_HANDOVER_ROWS = 10_000
+__all__ = ["Connection", "ConnectionServices", "Reads"]
 
-log = structlog.get_logger("pgrelay.client")
+log = structlog.get_logger("pgrelay.connection")
 
 _A = TypeVar("_A")
 
 
+class Reads(Protocol):
+    """The SQL a connection runs, under its client's claims (`SubscriberReads`)."""
+
+    async def catch_up(self, claims_json: str, query: CatchUpQuery) -> CatchUpPage:
+        """One catch-up read; raises ReadFailed when the database cannot answer."""
+        ...
+
+    async def authorized(self, claims_json: str, orgs: list[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of `orgs` the claims may read; raises ReadFailed."""
+        ...
+
+
 @dataclass(frozen=True)
-class ClientConfig:
-    subscriber_role: str
-    replay_limit: int
-    session: SessionLimits
-    outbox: OutboxLimits
-    max_pending_bytes: int
-    max_connections_per_user: int
-    """The WebSocket layer's bound on unsent bytes (WsLimits.max_pending_bytes)."""
+class ConnectionServices:
+    """What every connection of a daemon shares."""
+
+    fanout: Fanout
+    scheduler: Scheduler
+    reads: Reads
+    verifier: TokenVerifier
+    admission: Admission
+    session_limits: SessionLimits
+    output_limits: OutputLimits
+    stats: Stats
+    metrics: Metrics
 
 
-class _Handover:
-    """Live rows that arrived while a subscription's catch-up was running."""
-
-    __slots__ = ("overflowed", "request_id", "rows")
-
-    def __init__(self, request_id: int) -> None:
-        self.request_id = request_id
-        self.rows: list[tuple[EventRow, str, bytes]] = []
-        self.overflowed = False
-
-
-class Client:
-    """A connection's shell state. Hashable by identity (the registry's key)."""
+class Connection:
+    """A connection's shell. Hashable by identity (the fan-out index's key)."""
 
     __slots__ = (
         "_tasks",
-        "_timer_at",
         "close_code",
         "closing",
-        "config",
-        "db",
-        "events_sent",
         "frames_received",
-        "handovers",
-        "hub",
         "id",
-        "max_pending_bytes",
-        "outbox",
         "peer",
+        "services",
         "session",
         "subject",
-        "verifier",
         "ws",
     )
 
     def __init__(
-        self,
-        connection_id: str,
-        ws: WsConnection,
-        *,
-        hub: Hub,
-        db: Database,
-        verifier: TokenVerifier,
-        config: ClientConfig,
-        peer: str,
+        self, connection_id: str, ws: WsConnection, *, services: ConnectionServices, peer: str
     ) -> None:
         self.id = connection_id
         self.ws = ws
-        self.hub = hub
-        self.db = db
-        self.verifier = verifier
-        self.config = config
+        self.services = services
         self.peer = peer
-        now = hub.clock()
-        self.session = Session(connection_id, now, config.session)
-        self.outbox: Outbox | None = None
-        """Created on the first frame the socket could not take (`_outbox`)."""
-        self.max_pending_bytes = config.max_pending_bytes
-        self.handovers: dict[uuid.UUID, _Handover] | None = None
-        """Subscriptions whose catch-up runs (None when there is none)."""
+        output = Output(ws, services.output_limits, stats=services.stats, wrap=encode_text_frame)
+        self.session = Session(
+            connection_id, services.scheduler.clock(), output, services.session_limits
+        )
         self.closing = False
         self.close_code: int | None = None
         self._tasks: set[trio.CancelScope] | None = None
-        """Scopes of this connection's running subscribe/recheck tasks."""
-        self.events_sent = 0
+        """Scopes of this connection's running reads (None when there is none)."""
         self.frames_received = 0
         self.subject: str | None = None
-        """The first token's `sub` (a refresh for another subject is closed 4001)."""
-        self._timer_at: float | None = None
+        """The first token's `sub`, counted by admission (a refresh for another
+        subject is closed 4001)."""
         ws.set_drain_callback(self._drained)
+
+    def _now(self) -> float:
+        return self.services.scheduler.clock()
 
     # -- lifecycle -------------------------------------------------------------
     async def serve(self, bearer: str | None) -> None:
         """Run until the connection ends; never raises for a peer's behaviour."""
-        self.hub.add(self)
-        started = self.hub.clock()
+        started = self._now()
         try:
-            self._reschedule()
+            self._apply(self.session.start(started))
             if bearer is not None:
-                self.apply(self.session.received_bearer(bearer, self.hub.clock()))
-            await self._read_loop()
+                self._apply(self.session.received_bearer(bearer, self._now()))
+            while not self.closing:
+                # Binary (1003), invalid UTF-8 (1007) and oversized (1009) messages
+                # are closed by the WebSocket layer; None means it is closing.
+                message = await self.ws.receive_message()
+                if message is None:
+                    break
+                self.frames_received += 1
+                self._apply(self.session.received_text(message, self._now()))
         finally:
             self.closing = True
             if self._tasks:
                 for scope in self._tasks:
                     scope.cancel()
             self.session.connection_lost()
-            self.hub.remove(self)
+            self.services.fanout.forget(self)
             if self.subject is not None:
-                self.hub.count_user(self.subject, -1)
+                self.services.admission.leave_user(self.subject)
             log.info(
                 "connection closed",
                 connection_id=self.id,
                 peer=self.peer,
                 sub=self.subject,
                 close_code=self.close_code or self.ws.close_code,
-                seconds=round(self.hub.clock() - started, 3),
+                seconds=round(self._now() - started, 3),
                 frames_in=self.frames_received,
-                events_out=self.events_sent,
             )
 
-    async def _read_loop(self) -> None:
-        while not self.closing:
-            # Binary (1003), invalid UTF-8 (1007) and oversized (1009) messages are
-            # closed by the WebSocket layer; None means the connection is closing.
-            message = await self.ws.receive_message()
-            if message is None:
-                return
-            self.frames_received += 1
-            self.apply(self.session.received_text(message, self.hub.clock()))
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Close from the server's side; never blocks."""
+        self._apply(self.session.close(code, reason))
 
+    # -- from the hub, the scheduler and the socket ------------------------------------
+    def offer(
+        self, subscription: Subscription, row: EventRow, cursor: str, frame: bytes, now: float
+    ) -> None:
+        actions = self.session.live_row(subscription, row, cursor, frame, now)
+        if actions:
+            self._apply(actions)
+
+    def database_changed(self, epoch: str, head: Snapshot, now: float) -> None:
+        self._apply(self.session.database_changed(epoch, head, now))
+
+    def on_timer(self, now: float) -> None:
+        if not self.closing:
+            self._apply(self.session.tick(now))
+
+    def _drained(self) -> None:
+        """The socket sent most of what waited (called by the WebSocket writer)."""
+        if not self.closing:
+            self._apply(self.session.output_drained(self._now()))
+
+    # -- actions from the session ------------------------------------------------
+    def _apply(self, actions: Iterable[Action]) -> None:
+        services = self.services
+        for action in actions:
+            if isinstance(action, Follow):
+                services.fanout.follow(self, action.org, action.subscription)
+            elif isinstance(action, Unfollow):
+                services.fanout.unfollow(self, action.org)
+            elif isinstance(action, ScheduleTick):
+                services.scheduler.schedule(self, action.at)
+            elif isinstance(action, ReadCatchUp):
+                self._start(self._read_catch_up, action)
+            elif isinstance(action, RecheckSubscriptions):
+                self._start(self._recheck, action)
+            elif isinstance(action, VerifyToken):
+                self._verify(action.token)
+            elif isinstance(action, Close):
+                self._close(action.code, action.reason)
+
+    def _close(self, code: int, reason: str) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.close_code = code
+        if code == CloseCode.TOO_SLOW:
+            log.info("client too slow", connection_id=self.id, peer=self.peer)
+        self.ws.abort(code, reason)
+
+    def _verify(self, token: str) -> None:
+        services = self.services
+        try:
+            verified = services.verifier.verify(token)
+        except AuthError as exc:
+            services.metrics.auth_failures.labels(reason=exc.reason).inc()
+            log.info("token rejected", connection_id=self.id, peer=self.peer, reason=exc.reason)
+            self._apply(self.session.token_rejected(f"token rejected: {exc.reason}", self._now()))
+            return
+        if self.subject is None and verified.subject is not None:
+            # First authentication: the per-user connection limit applies.
+            if not services.admission.admit_user(verified.subject):
+                log.info(
+                    "too many connections for one user",
+                    connection_id=self.id,
+                    sub=verified.subject,
+                    peer=self.peer,
+                )
+                refusal = encode_error(
+                    None, ErrorCode.RATE_LIMITED, "too many connections for this user"
+                )
+                self.session.output.control(refusal, self._now())
+                self.close(CloseCode.TRY_AGAIN_LATER, "too many connections for this user")
+                return
+            self.subject = verified.subject
+        claims = ClaimsJson(verified.claims_json, verified.subject)
+        self._apply(self.session.token_verified(claims, verified.expires_at, self._now()))
+
+    # -- short tasks: SQL in worker threads ----------------------------------------------
     def _start(self, task: Callable[[_A], Awaitable[None]], arg: _A) -> None:
-        """Run `task(arg)` in the hub's nursery, cancelled when this connection ends."""
-        self.hub.start_soon(self._run_task, task, arg)
+        """Run `task(arg)` in the scheduler's nursery, cancelled when this connection ends."""
+        self.services.scheduler.start_soon(self._run_task, task, arg)
 
     async def _run_task(self, task: Callable[[_A], Awaitable[None]], arg: _A) -> None:
         if self.closing:
@@ -207,298 +259,43 @@ class Client:
             except Exception:
                 # As if it had run inside the connection's handler: close 1011.
                 log.exception("connection task failed", connection_id=self.id, peer=self.peer)
-                self._close(WsCloseCode.INTERNAL_ERROR, "internal error")
+                self._close(CloseCode.INTERNAL_ERROR, "internal error")
             finally:
                 tasks.discard(scope)
                 if not tasks and self._tasks is tasks:
                     self._tasks = None
 
-    def on_timer(self, when: float, now: float) -> None:
-        if self.closing or when != self._timer_at:
-            return  # stale entry: rescheduled since
-        self._timer_at = None
-        self.apply(self.session.tick(now))
-        for org, subscription in list(self.hub.registry.subscriptions_of(self).items()):
-            coalescer = subscription.coalescer
-            if coalescer is not None and not (self.handovers and org in self.handovers):
-                for event in coalescer.due(now):
-                    self._send_event(
-                        event.row,
-                        event.cursor,
-                        encode_text_frame(encode_event(event.row, event.cursor, event.count)),
-                        now,
-                    )
-        self._reschedule()
-
-    def _reschedule(self) -> None:
-        if self.closing:
-            return
-        deadlines = [self.session.next_deadline()]
-        for subscription in self.hub.registry.subscriptions_of(self).values():
-            if subscription.coalescer is not None:
-                deadlines.append(subscription.coalescer.next_deadline())
-        when = min((d for d in deadlines if d is not None), default=None)
-        if when is not None and when != self._timer_at:
-            self._timer_at = when
-            self.hub.schedule(self, when)
-
-    # -- actions from the session ------------------------------------------------
-    def apply(self, actions: Iterable[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                self._send_control(action.data)
-            elif isinstance(action, Close):
-                self._close(action.code, action.reason)
-            elif isinstance(action, VerifyToken):
-                self._verify(action.token)
-            elif isinstance(action, AuthorizeSubscription):
-                self._begin_subscribe(action)
-            elif isinstance(action, StartSubscription):
-                raise AssertionError("StartSubscription is handled by the subscribe task")
-            elif isinstance(action, RecheckSubscriptions):
-                self._start(self._recheck, action)
-            elif isinstance(action, DropSubscription):
-                self._pop_handover(action.org)
-                self.hub.unsubscribe(self, action.org)
-        self._reschedule()
-
-    def _verify(self, token: str) -> None:
-        now = self.hub.clock()
+    async def _read_catch_up(self, action: ReadCatchUp) -> None:
         try:
-            verified = self.verifier.verify(token)
-        except AuthError as exc:
-            self.hub.metrics.auth_failures.labels(reason=exc.reason).inc()
-            log.info("token rejected", connection_id=self.id, peer=self.peer, reason=exc.reason)
-            self.apply(self.session.token_rejected(f"token rejected: {exc.reason}", now))
-            return
-        if self.subject is None and verified.subject is not None:
-            # First authentication: the per-user connection limit applies.
-            if self.hub.connections_of(verified.subject) >= self.config.max_connections_per_user:
-                log.info(
-                    "too many connections for one user",
-                    connection_id=self.id,
-                    sub=verified.subject,
-                    peer=self.peer,
-                )
-                self._send_control(
-                    encode_error(None, ErrorCode.RATE_LIMITED, "too many connections for this user")
-                )
-                self.close(CloseCode.TRY_AGAIN_LATER, "too many connections for this user")
-                return
-            self.hub.count_user(verified.subject, +1)
-            self.subject = verified.subject
-        claims = ClaimsJson(verified.claims_json, verified.subject)
-        self.apply(self.session.token_verified(claims, verified.expires_at, now))
-
-    def close(self, code: int, reason: str) -> None:
-        """Close from the server's side (e.g. 1012 on shutdown); never blocks."""
-        self.apply(self.session.close(CloseCode(code), reason))
-
-    def _close(self, code: int, reason: str) -> None:
-        if self.closing:
-            return
-        self.closing = True
-        self.close_code = code
-        self.ws.abort(code, reason)
-
-    # -- subscribe, catch-up, handover ------------------------------------------------
-    def _begin_subscribe(self, request: AuthorizeSubscription) -> None:
-        # Register first, so live rows arriving during the catch-up are held.
-        if self.handovers is None:
-            self.handovers = {}
-        self.handovers[request.org] = _Handover(request.request_id)
-        self.hub.subscribe(
-            self, request.org, Subscription(request.ref, request.event_types, request.coalesce_ms)
-        )
-        self._start(self._subscribe, request)
-
-    async def _subscribe(self, request: AuthorizeSubscription) -> None:
-        claims = claims_json(request.claims)
-        try:
-            read = await self.db.run(
-                subscribe_read,
-                self.config.subscriber_role,
-                claims,
-                request.org,
-                request.cursor,
-                replay_limit=self.config.replay_limit,
-            )
-        except psycopg.Error as exc:
+            page = await self.services.reads.catch_up(claims_json(action.claims), action.query)
+        except ReadFailed as exc:
             log.warning(
-                "subscribe failed",
+                "catch-up read failed",
                 connection_id=self.id,
-                org=str(request.org),
-                error=str(exc).strip(),
+                org=str(action.query.org),
+                error=str(exc),
             )
-            self._abandon(request)
-            self.apply(self.session.subscribe_failed(request))
+            if not self.closing:
+                self._apply(
+                    self.session.catch_up_failed(action.subscription, action.query, self._now())
+                )
             return
-        if self.closing:
-            return  # the hub dropped the connection's subscriptions (or will)
-        actions = self.session.subscribe_result(request, read.allowed)
-        if not any(isinstance(a, StartSubscription) for a in actions):
-            self._abandon(request)
-            self.apply(actions)
-            return
-        self._go_live(request, read)
-
-    def _abandon(self, request: AuthorizeSubscription) -> None:
-        handover = self.handovers.get(request.org) if self.handovers else None
-        if handover is not None and handover.request_id == request.request_id:
-            self._pop_handover(request.org)
-            self.hub.unsubscribe(self, request.org)
-
-    def _pop_handover(self, org: uuid.UUID) -> _Handover | None:
-        handovers = self.handovers
-        if not handovers:
-            return None
-        handover = handovers.pop(org, None)
-        if not handovers:
-            self.handovers = None
-        return handover
-
-    def _go_live(self, request: AuthorizeSubscription, read: SubscribeRead) -> None:
-        handover = self._pop_handover(request.org)
-        if self.closing or handover is None or handover.request_id != request.request_id:
-            return
-        now = self.hub.clock()
-        org = request.org
-        head = Cursor(read.epoch, read.snapshot).encode()
-        plan = read.plan
-        if handover.overflowed:
-            plan = Resync(ResyncReason.OVERFLOW)
-            head = self.hub.cursor_now() or head
-        replayed = 0
-        if isinstance(plan, Resync):
-            self.hub.metrics.resyncs.labels(reason=plan.reason.value).inc()
-            self._send_control(encode_resync(org, plan.reason, head))
-        elif isinstance(plan, Replay):
-            since = Cursor(read.epoch, plan.since).encode()
-            subscription = self.hub.registry.get(self, org)
-            last = len(read.replay) - 1
-            for i, row in enumerate(read.replay):
-                if subscription is not None and not subscription.matches(row.event_type):
-                    continue
-                cursor = head if i == last else since
-                self._send_event(row, cursor, encode_text_frame(encode_event(row, cursor)), now)
-                replayed += 1
-        else:
-            assert isinstance(plan, Fresh)
-        self._send_control(encode_subscribed(request.ref, org, head, replayed))
-        if handover.overflowed:
-            return
-        subscription = self.hub.registry.get(self, org)
-        if subscription is None:
-            return
-        for row, cursor, frame in handover.rows:
-            if not read.snapshot.visible(row.xid):  # else it was replayed (or preceded the cursor)
-                self._offer_live(subscription, row, cursor, frame, now)
+        if not self.closing:
+            self._apply(
+                self.session.catch_up_read(action.subscription, action.query, page, self._now())
+            )
 
     async def _recheck(self, action: RecheckSubscriptions) -> None:
-        claims = claims_json(action.claims)
         try:
-            allowed = await self.db.run(
-                authorized_orgs, self.config.subscriber_role, claims, list(action.orgs)
+            allowed = await self.services.reads.authorized(
+                claims_json(action.claims), list(action.orgs)
             )
-        except psycopg.Error as exc:
+        except ReadFailed as exc:
             log.warning(
                 "recheck failed; keeping subscriptions until the next one",
                 connection_id=self.id,
-                error=str(exc).strip(),
+                error=str(exc),
             )
             return
-        if self.closing:
-            return
-        for org in action.orgs:
-            self.apply(self.session.recheck_result(org, org in allowed))
-
-    def resync_everything(self, reason: ResyncReason, cursor: str) -> None:
-        for org, subscription in list(self.hub.registry.subscriptions_of(self).items()):
-            if subscription.coalescer is not None:
-                subscription.coalescer.drain()
-            self.hub.metrics.resyncs.labels(reason=reason.value).inc()
-            self._send_control(encode_resync(org, reason, cursor))
-
-    # -- delivery (called by the hub: must never block) ------------------------------
-    def offer(
-        self, subscription: Subscription, row: EventRow, cursor: str, frame: bytes, now: float
-    ) -> None:
-        if self.closing:
-            return
-        if self.handovers:
-            handover = self.handovers.get(row.org)
-            if handover is not None:
-                if len(handover.rows) >= MAX_HANDOVER_ROWS:
-                    handover.overflowed = True
-                    handover.rows.clear()
-                elif not handover.overflowed:
-                    handover.rows.append((row, cursor, frame))
-                return
-        self._offer_live(subscription, row, cursor, frame, now)
-
-    def _offer_live(
-        self, subscription: Subscription, row: EventRow, cursor: str, frame: bytes, now: float
-    ) -> None:
-        coalescer = subscription.coalescer
-        if coalescer is None:
-            self._send_event(row, cursor, frame, now)
-            return
-        held_before = len(coalescer)
-        for event in coalescer.add(row, cursor, now):
-            self._send_event(
-                event.row,
-                event.cursor,
-                encode_text_frame(encode_event(event.row, event.cursor, event.count)),
-                now,
-            )
-        if held_before == 0:
-            self._reschedule()
-
-    def _send_event(self, row: EventRow, cursor: str, frame: bytes, now: float) -> None:
-        """One non-blocking write (or an append to what the socket still holds); once
-        the socket is behind, the outbox, which coalesces and then collapses."""
-        if self.closing:
-            return
-        if not self.outbox and self.ws.send_frame_nowait(frame) is not SendResult.OVERFLOW:
-            self.events_sent += 1
-            return
-        self._queued(self._outbox().push_event(row, cursor, frame, now))
-
-    def _send_control(self, payload: bytes) -> None:
-        if self.closing:
-            return
-        frame = encode_text_frame(payload)
-        if not self.outbox and self.ws.send_frame_nowait(frame) is not SendResult.OVERFLOW:
-            return
-        self._queued(self._outbox().push_frame(frame, self.hub.clock()))
-
-    def _outbox(self) -> Outbox:
-        """The outbox, created when the socket first falls behind (then kept: it
-        remembers recent overflows)."""
-        outbox = self.outbox
-        if outbox is None:
-            outbox = self.outbox = Outbox(self.config.outbox, wrap=encode_text_frame)
-        return outbox
-
-    def _queued(self, result: PushResult) -> None:
-        if result is PushResult.RESYNCED:
-            self.hub.metrics.outbox_overflows.inc()
-            self.hub.metrics.resyncs.labels(reason=ResyncReason.OVERFLOW.value).inc()
-        elif result is PushResult.HOPELESS:
-            self.hub.metrics.slow_closes.inc()
-            log.info("client too slow", connection_id=self.id, pending=self._outbox().pending_bytes)
-            self._close(CloseCode.TOO_SLOW, "too slow to keep up")
-
-    def _drained(self) -> None:
-        """The socket took most of what it held: move queued frames on, in one write."""
-        outbox = self.outbox
-        if not outbox or self.ws.state is not WsState.OPEN:
-            return
-        room = self.max_pending_bytes - self.ws.pending_bytes
-        frames = outbox.pop_ready(max(room, 1), self.hub.clock())
-        if frames:
-            self.events_sent += len(frames)
-            if self.ws.send_frame_nowait(b"".join(frames)) is SendResult.OVERFLOW:
-                # Cannot happen while one frame is smaller than the room left at the
-                # low-water mark; if it ever does, dropping frames silently would not do.
-                self._close(CloseCode.TOO_SLOW, "too slow to keep up")
+        if not self.closing:
+            self._apply(self.session.recheck_result(action.orgs, allowed, self._now()))

@@ -10,13 +10,19 @@ package reads ``os.environ``.
 from __future__ import annotations
 
 import argparse
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from relay.admission import AdmissionLimits
+from relay.core.outbox import MAX_FRAME_BYTES, OutboxLimits, OutputLimits
+from relay.core.session import SessionLimits
+from relay.core.subscription import CatchUpLimits
 from relay.errors import ConfigError
+from relay.ws import WsLimits
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,16 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise ValueError("must be at least 1")
     return value
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be from {low} to {high}")
+        return value
+
+    return parse
 
 
 def _non_negative_float(text: str) -> float:
@@ -83,6 +99,16 @@ def _text(text: str) -> str:
     return text
 
 
+MIN_MESSAGE_BYTES = 256
+"""Smallest accepted PGRELAY_MAX_MESSAGE_BYTES: an auth frame with a token must fit."""
+MAX_MESSAGE_BYTES = 1 << 20
+"""Largest accepted PGRELAY_MAX_MESSAGE_BYTES."""
+
+#: Settings renamed, old name -> new name. The old name still works (flag,
+#: environment, file) with a deprecation warning.
+RENAMED: dict[str, str] = {"max_pending_bytes": "max_outbox_bytes"}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `pgrelay serve` can be told. Field name = TOML key;
@@ -110,11 +136,39 @@ class Settings:
     max_connections_per_user: int = 20
     max_subscriptions: int = 100
     max_message_bytes: int = 4096
-    max_pending_bytes: int = 524_288
+    max_outbox_bytes: int = 524_288
     slow_client_timeout_s: float = 30.0
     shutdown_timeout_s: float = 10.0
     log_level: str = "info"
     log_format: str = "auto"
+
+    # -- each component's limits, built from the settings ----------------------------
+    def session_limits(self) -> SessionLimits:
+        return SessionLimits(
+            auth_timeout_s=self.auth_timeout_s,
+            token_leeway_s=self.jwt_leeway_s,
+            recheck_interval_s=self.recheck_interval_s or math.inf,
+            max_subscriptions=self.max_subscriptions,
+            catch_up=CatchUpLimits(replay_limit=self.replay_limit),
+        )
+
+    def ws_limits(self) -> WsLimits:
+        return WsLimits(max_message_bytes=self.max_message_bytes)
+
+    def output_limits(self) -> OutputLimits:
+        ws = self.ws_limits()
+        return OutputLimits(
+            transport_bytes=ws.max_unsent_bytes,
+            max_stall_s=self.slow_client_timeout_s or math.inf,
+            outbox=OutboxLimits(max_bytes=self.max_outbox_bytes),
+        )
+
+    def admission_limits(self) -> AdmissionLimits:
+        return AdmissionLimits(
+            max_connections=self.max_connections,
+            max_connections_per_ip=self.max_connections_per_ip,
+            max_connections_per_user=self.max_connections_per_user,
+        )
 
 
 #: How each field is parsed from text (flag, environment) and what it means.
@@ -140,8 +194,14 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "max_connections_per_ip": (_positive_int, "WebSocket connections per client IP"),
     "max_connections_per_user": (_positive_int, "WebSocket connections per token subject"),
     "max_subscriptions": (_positive_int, "subscriptions per connection"),
-    "max_message_bytes": (_positive_int, "largest client message; bigger closes with 1009"),
-    "max_pending_bytes": (_positive_int, "queued bytes per slow client before it must resync"),
+    "max_message_bytes": (
+        _int_between(MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES),
+        "largest client message in bytes; bigger closes with 1009",
+    ),
+    "max_outbox_bytes": (
+        _int_between(MAX_FRAME_BYTES, 1 << 30),
+        "bytes queued for a slow client before its events collapse into resync",
+    ),
     "slow_client_timeout_s": (
         _non_negative_float,
         "a client whose queue made no progress this long is closed with 4008",
@@ -156,24 +216,56 @@ def env_name(field: str) -> str:
     return "PGRELAY_" + field.upper()
 
 
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One --flag per setting; defaults stay None so that precedence can be applied."""
     parser.add_argument("--config", metavar="FILE", help="TOML file with settings")
     for f in fields(Settings):
         _, help_text = _PARSERS[f.name]
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            flag_name(f.name),
             dest=f.name,
             default=None,
             metavar="VALUE",
             help=f"{help_text} [{env_name(f.name)}]",
         )
+    for old in RENAMED:
+        parser.add_argument(flag_name(old), dest=old, default=None, help=argparse.SUPPRESS)
+
+
+def _given(
+    name: str,
+    flags: Mapping[str, str | None],
+    environ: Mapping[str, str],
+    file_values: Mapping[str, Any],
+    config_file: str | None,
+) -> list[tuple[int, str, Any]]:
+    """Where `name` is given: (precedence rank, source, raw value); 0 = flag."""
+    found: list[tuple[int, str, Any]] = []
+    flag = flags.get(name)
+    if flag is not None:
+        found.append((0, flag_name(name), flag))
+    env = environ.get(env_name(name))
+    if env:
+        found.append((1, env_name(name), env))
+    if name in file_values:
+        found.append((2, f"{name} (in {config_file})", file_values[name]))
+    return found
 
 
 def load(
-    flags: Mapping[str, str | None], environ: Mapping[str, str], config_file: str | None = None
+    flags: Mapping[str, str | None],
+    environ: Mapping[str, str],
+    config_file: str | None = None,
+    *,
+    warn: Callable[[str], object] | None = None,
 ) -> Settings:
-    """Settings from flags > environment > TOML file > defaults, validated."""
+    """Settings from flags > environment > TOML file > defaults, validated.
+    A setting given under its old name (`RENAMED`) still counts, below the new
+    name at the same level; `warn` hears about it."""
     file_values: dict[str, Any] = {}
     if config_file:
         try:
@@ -182,25 +274,27 @@ def load(
             raise ConfigError(f"--config {config_file}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"--config {config_file}: {exc}") from exc
-        unknown = set(file_values) - set(_PARSERS)
+        unknown = set(file_values) - set(_PARSERS) - set(RENAMED)
         if unknown:
             raise ConfigError(f"--config {config_file}: unknown keys {sorted(unknown)}")
     values: dict[str, Any] = {}
+    old_names = {new: old for old, new in RENAMED.items()}
     for f in fields(Settings):
         parse, _ = _PARSERS[f.name]
-        flag = flags.get(f.name)
-        env = environ.get(env_name(f.name))
-        if flag is not None:
-            source, raw = f"--{f.name.replace('_', '-')}", flag
-        elif env is not None and env != "":
-            source, raw = env_name(f.name), env
-        elif f.name in file_values:
-            source, raw = f"{f.name} (in {config_file})", file_values[f.name]
-            if isinstance(raw, list) and f.name == "allowed_origins":
-                raw = ",".join(str(x) for x in raw)
-            raw = str(raw) if not isinstance(raw, str) else raw
-        else:
+        found = _given(f.name, flags, environ, file_values, config_file)
+        old = old_names.get(f.name)
+        if old is not None:
+            for rank, source, raw in _given(old, flags, environ, file_values, config_file):
+                found.append((rank, source, raw))
+                if warn is not None:
+                    instead = (flag_name(f.name), env_name(f.name), f.name)[rank]
+                    warn(f"{source} is deprecated: use {instead}")
+        if not found:
             continue
+        _, source, raw = min(found, key=lambda item: item[0])
+        if isinstance(raw, list) and f.name == "allowed_origins":
+            raw = ",".join(str(x) for x in raw)
+        raw = str(raw) if not isinstance(raw, str) else raw
         try:
             values[f.name] = parse(raw)
         except ValueError as exc:

@@ -10,9 +10,9 @@ to finish, then cancel what is left and exit 0.
 from __future__ import annotations
 
 import signal
+import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
 import psycopg
@@ -21,18 +21,20 @@ import trio
 
 from relay import sdnotify
 from relay.admin import Response, Route, serve_admin
+from relay.admission import Admission
 from relay.auth import AuthConfig, TokenVerifier
-from relay.client import Client, ClientConfig
+from relay.client import Connection, ConnectionServices, Reads
 from relay.config import Settings
-from relay.core.outbox import OutboxLimits
-from relay.core.protocol import CloseCode
-from relay.core.session import SessionLimits
+from relay.core.codes import CloseCode
+from relay.core.cursor import TailPosition
 from relay.database import Database
 from relay.errors import ConfigError
 from relay.hub import Hub
 from relay.metrics import Metrics
+from relay.reads import SubscriberReads
+from relay.scheduler import Scheduler
 from relay.tailer import Tailer
-from relay.ws import WsConnection, WsLimits, WsReject, WsRequest, WsServer
+from relay.ws import WsConnection, WsRequest, WsServer
 
 #: A tail loop that has not turned for this long is wedged: stop petting the watchdog.
 HEARTBEAT_MAX_AGE_S = 60.0
@@ -40,11 +42,11 @@ HEARTBEAT_MAX_AGE_S = 60.0
 STATS_INTERVAL_S = 15.0
 #: Path of protocol v1.
 WS_PATH = "/v1"
-#: Unsent bytes one client may hold in the WebSocket layer; beyond, its outbox
-#: (which coalesces, then collapses into resync) takes over.
-WS_MAX_PENDING_BYTES = 64 * 1024
 
 log = structlog.get_logger("pgrelay.daemon")
+
+ShutdownTrigger = Callable[[], Awaitable[object]]
+"""Returns when the daemon should stop (hypercorn's `shutdown_trigger`)."""
 
 
 def build_verifier(s: Settings) -> TokenVerifier:
@@ -71,45 +73,47 @@ class Daemon:
         *,
         notify: Callable[[str], object] = lambda _m: None,
         admin_routes: dict[str, Route] | None = None,
+        reads: Reads | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`admin_routes`: extra routes for the admin port (`pgrelay dev`'s demo);
-        they cannot replace /healthz, /readyz or /metrics."""
+        they cannot replace /healthz, /readyz or /metrics. `reads`: the SQL a
+        connection runs for its client (a test seam; default `SubscriberReads`)."""
         self.settings = s = settings
         self.notify = notify
         self.extra_admin_routes = dict(admin_routes or {})
         self.metrics = Metrics()
-        self.hub = Hub(self.metrics)
+        self.position = TailPosition()
+        self.hub = Hub(self.metrics, self.position, clock)
         self.db = Database(s.database_url, size=s.pool_size)
-        self.verifier = build_verifier(s)
+        self.scheduler = Scheduler(clock)
+        self.admission = Admission(s.admission_limits())
+        self.services = ConnectionServices(
+            fanout=self.hub,
+            scheduler=self.scheduler,
+            reads=reads or SubscriberReads(self.db, s.subscriber_role),
+            verifier=build_verifier(s),
+            admission=self.admission,
+            session_limits=s.session_limits(),
+            output_limits=s.output_limits(),
+            stats=self.metrics.stats,
+            metrics=self.metrics,
+        )
         self.tailer = Tailer(
-            self.db, self.hub, self.metrics, poll_interval_s=s.poll_interval_ms / 1000
-        )
-        self.client_config = ClientConfig(
-            subscriber_role=s.subscriber_role,
-            replay_limit=s.replay_limit,
-            session=SessionLimits(
-                auth_timeout_s=s.auth_timeout_s,
-                token_leeway_s=s.jwt_leeway_s,
-                recheck_interval_s=s.recheck_interval_s or float("inf"),
-                max_subscriptions=s.max_subscriptions,
-                max_frame_bytes=s.max_message_bytes,
-            ),
-            outbox=OutboxLimits(max_bytes=s.max_pending_bytes, max_stall_s=s.slow_client_timeout_s),
-            max_pending_bytes=WS_MAX_PENDING_BYTES,
-            max_connections_per_user=s.max_connections_per_user,
-        )
-        self.ws_limits = WsLimits(
-            max_message_bytes=s.max_message_bytes, max_pending_bytes=WS_MAX_PENDING_BYTES
+            self.db,
+            self.hub,
+            self.metrics,
+            position=self.position,
+            poll_interval_s=s.poll_interval_ms / 1000,
         )
         self.ws_server = WsServer(
             self._handle,
-            limits=self.ws_limits,
+            limits=s.ws_limits(),
             path=WS_PATH,
             allowed_origins=s.allowed_origins,
-            on_request=self._admit,
+            on_request=self.admission.refusal,
         )
-        self.stopping = False
-        self.per_ip: Counter[str] = Counter()
+        self.connections: set[Connection] = set()
         self.ws_port = 0
         self.admin_port = 0
 
@@ -118,7 +122,7 @@ class Daemon:
         return Response(200, b"ok\n")
 
     def _readyz(self) -> Response:
-        if self.stopping:
+        if self.admission.stopping:
             return Response(503, b"shutting down\n")
         if not self.tailer.listening:
             return Response(503, b"not ready: the database listener is down\n")
@@ -128,41 +132,37 @@ class Daemon:
         return Response(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
     # -- websocket ------------------------------------------------------------------
-    def _admit(self, request: WsRequest) -> WsReject | None:
-        """Path and Origin are checked by the WebSocket server; this adds the limits."""
-        s = self.settings
-        if len(self.hub.clients) >= s.max_connections:
-            return WsReject(503, "too many connections", (("retry-after", "5"),))
-        if self.per_ip[request.peer[0]] >= s.max_connections_per_ip:
-            return WsReject(429, "too many connections from this address")
-        return None
-
     async def _handle(self, ws: WsConnection, request: WsRequest) -> None:
         bearer = None
         auth = request.authorization
         if auth is not None and auth[:7].lower() == "bearer ":
             bearer = auth[7:].strip()
         host = request.peer[0]
-        client = Client(
-            uuid.uuid4().hex[:16],
-            ws,
-            hub=self.hub,
-            db=self.db,
-            verifier=self.verifier,
-            config=self.client_config,
-            peer=host,
-        )
-        self.per_ip[host] += 1
+        connection = Connection(uuid.uuid4().hex[:16], ws, services=self.services, peer=host)
+        self.admission.enter(host)
+        self.connections.add(connection)
+        self.metrics.connections.set(self.admission.connections)
         try:
-            await client.serve(bearer)
+            await connection.serve(bearer)
         finally:
-            self.per_ip[host] -= 1
-            if not self.per_ip[host]:
-                del self.per_ip[host]
+            self.connections.discard(connection)
+            self.admission.leave(host)
+            self.metrics.connections.set(self.admission.connections)
 
     # -- run --------------------------------------------------------------------------
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        s = self.settings
+    async def run(
+        self,
+        *,
+        shutdown_trigger: ShutdownTrigger | None = None,
+        task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until `shutdown_trigger` returns (default: SIGTERM or SIGINT; a
+        second one cuts the drain short), then drain and return. Started with
+        `nursery.start`, it returns this daemon once it accepts connections."""
+        if shutdown_trigger is not None:
+            await self._serve(shutdown_trigger, None, task_status)
+            log.info("stopped")
+            return
         # Signals are ours from the first moment to the last: one arriving during
         # start-up is handled once serving. trio re-delivers signals still queued
         # when the receiver closes (a second SIGTERM during the final cleanup) to
@@ -172,21 +172,24 @@ class Daemon:
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stop_signals}
         try:
             with trio.open_signal_receiver(*stop_signals) as signals:
-                await self._serve(s, signals, task_status)
+                await self._serve(partial(_next_signal, signals), signals, task_status)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         log.info("stopped")
 
     async def _serve(
-        self, s: Settings, signals: AsyncIterator[int], task_status: trio.TaskStatus[None]
+        self,
+        shutdown_trigger: ShutdownTrigger,
+        hurry: AsyncIterator[int] | None,
+        task_status: trio.TaskStatus[Daemon],
     ) -> None:
+        s = self.settings
         await self.db.open()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.tailer.run)
-                self.hub.cursor_now = lambda: self.tailer.head_cursor
-                nursery.start_soon(self.hub.run_timers)
+                await nursery.start(self.scheduler.run)
                 nursery.start_soon(self._sample_stats)
                 routes: dict[str, Route] = {
                     **self.extra_admin_routes,
@@ -205,8 +208,9 @@ class Daemon:
                 )
                 self.notify("READY=1")
                 nursery.start_soon(partial(sdnotify.watchdog_loop, alive=self._alive))
-                task_status.started()
-                await self._until_signalled_then_drain(signals)
+                task_status.started(self)
+                await shutdown_trigger()
+                await self._drain(hurry)
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -217,32 +221,29 @@ class Daemon:
         limit = max(HEARTBEAT_MAX_AGE_S, 5 * self.settings.poll_interval_ms / 1000)
         return trio.current_time() - self.tailer.heartbeat_at < limit
 
-    async def _until_signalled_then_drain(self, signals: AsyncIterator[int]) -> None:
-        """First SIGTERM/SIGINT: drain gracefully. A second one: stop draining now."""
-        async for signum in signals:
-            log.info("stopping", signal=signal.Signals(signum).name)
-            break
+    async def _drain(self, hurry: AsyncIterator[int] | None) -> None:
+        """Stop accepting, close every client with 1012, wait for them (bounded by
+        `shutdown_timeout_s`, or until `hurry` yields: a second signal)."""
+        self.admission.stopping = True
+        self.notify("STOPPING=1")
+        open_before = len(self.connections)
         async with trio.open_nursery() as nursery:
 
             async def drain() -> None:
-                await self._drain()
+                await self.ws_server.shutdown(
+                    CloseCode.SERVICE_RESTART,
+                    "server restarting",
+                    self.settings.shutdown_timeout_s,
+                )
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(drain)
-            async for signum in signals:
-                log.warning("stopping now", signal=signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
-
-    async def _drain(self) -> None:
-        """Stop accepting, close every client with 1012, wait for them (bounded)."""
-        self.stopping = True
-        self.notify("STOPPING=1")
-        open_before = len(self.hub.clients)
-        await self.ws_server.shutdown(
-            CloseCode.SERVER_RESTARTING, "server restarting", self.settings.shutdown_timeout_s
-        )
-        log.info("clients closed", count=open_before, cut=len(self.hub.clients))
+            if hurry is not None:
+                async for signum in hurry:
+                    log.warning("stopping now", signal=signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+        log.info("clients closed", count=open_before, cut=len(self.connections))
 
     async def _sample_stats(self) -> None:
         while True:
@@ -253,6 +254,27 @@ class Daemon:
             except psycopg.Error:
                 pass  # the tail reports database trouble; these are only gauges
             await trio.sleep(STATS_INTERVAL_S)
+
+
+async def _next_signal(signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        return
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown_trigger: ShutdownTrigger | None = None,
+    notify: Callable[[str], object] = lambda _m: None,
+    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run `pgrelay serve` in this trio run until `shutdown_trigger` returns
+    (default: SIGTERM/SIGINT). `nursery.start(serve, ...)` returns the daemon
+    once it accepts connections."""
+    await Daemon(settings, notify=notify).run(
+        shutdown_trigger=shutdown_trigger, task_status=task_status
+    )
 
 
 def _health_sample(conn: psycopg.Connection[tuple[float, float]]) -> tuple[float, float]:

@@ -106,13 +106,7 @@ class Database:
 
         return await trio.to_thread.run_sync(call, limiter=self.limiter)
 
-    async def getconn(self) -> Conn:
-        """A pooled connection held across several thread calls; give it back with putconn."""
-        return await trio.to_thread.run_sync(self.pool.getconn, limiter=self.limiter)
-
-    async def putconn(self, conn: Conn) -> None:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self.pool.putconn, conn)
-
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in a worker thread under the pool's limiter (for code
+        that takes and returns pooled connections itself, as the tail does)."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)

@@ -1,9 +1,11 @@
 """pgrelay's own exceptions, for failures an operator must act on.
 
     RelayError
-    ├── ConfigError        a setting is missing or malformed (names the key)
-    ├── MigrationError     `pgrelay migrate` refused or failed (says why)
-    └── DatabaseUnavailable the database cannot be reached right now
+    ├── ConfigError         a setting is missing or malformed (names the key)
+    ├── MigrationError      `pgrelay migrate` refused or failed (says why)
+    ├── DatabaseUnavailable the database cannot be reached right now
+    └── ReadFailed          a read for a client (catch-up, recheck) failed; the
+                            database error is its message and its __cause__
 
 A peer's junk (a bad frame, a bad token) is never an exception: the pure core
 turns it into a value (an error frame or a close code).
@@ -24,3 +26,7 @@ class MigrationError(RelayError):
 
 class DatabaseUnavailable(RelayError):
     """The database cannot be reached or refused the connection."""
+
+
+class ReadFailed(RelayError):
+    """A read for a client could not be answered (the database failed or went away)."""

@@ -1,22 +1,73 @@
 """Prometheus metrics of one daemon, in a registry of its own (no global state:
-tests run several daemons in one process)."""
+tests run several daemons in one process).
+
+Counters bumped per frame (events sent, overflows, resyncs, slow closes) are
+plain integers in `relay.core.stats.Stats`, read at scrape time by a collector,
+so the fan-out never takes a metrics lock.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from relay.core.stats import Stats
 
 # Commit-to-send latency: milliseconds matter, seconds are an incident.
 _LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class Metrics:
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
-        self.connections = Gauge("pgrelay_connections", "Open WebSocket connections", registry=r)
-        self.subscriptions = Gauge("pgrelay_subscriptions", "Live subscriptions", registry=r)
-        self.events_delivered = Counter(
-            "pgrelay_events_delivered", "Event frames handed to client sockets", registry=r
+class _StatsCollector(Collector):
+    """Exposes `Stats` as counters."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        s = self.stats
+        yield CounterMetricFamily(
+            "pgrelay_events_delivered",
+            "Event frames handed to client sockets (live and replayed)",
+            value=s.events_sent,
         )
+        yield CounterMetricFamily(
+            "pgrelay_catch_up_events",
+            "Replayed event frames handed to sockets",
+            value=s.catch_up_events,
+        )
+        yield CounterMetricFamily(
+            "pgrelay_catch_ups", "Resumes that replayed missed events", value=s.catch_ups
+        )
+        yield CounterMetricFamily(
+            "pgrelay_catch_up_rounds",
+            "Extra catch-up rounds run to chase the head during long catch-ups",
+            value=s.catch_up_rounds,
+        )
+        yield CounterMetricFamily(
+            "pgrelay_outbox_overflows",
+            "Slow clients' outboxes that collapsed an org into resync",
+            value=s.outbox_overflows,
+        )
+        yield CounterMetricFamily(
+            "pgrelay_slow_client_closes", "Clients closed with 4008 (too slow)", value=s.slow_closes
+        )
+        resyncs = CounterMetricFamily("pgrelay_resyncs", "resync frames sent", labels=["reason"])
+        for reason, count in s.resyncs.items():
+            resyncs.add_metric([reason.value], count)
+        yield resyncs
+
+
+class Metrics:
+    def __init__(self, stats: Stats | None = None) -> None:
+        self.stats = stats or Stats()
+        """Per-frame counters, shared with every connection's output."""
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        r.register(_StatsCollector(self.stats))
+        self.connections = Gauge("pgrelay_connections", "Open WebSocket connections", registry=r)
+        self.subscriptions = Gauge("pgrelay_subscriptions", "Subscriptions", registry=r)
         self.events_read = Counter("pgrelay_events_read", "Rows read by the live tail", registry=r)
         self.commit_to_send = Histogram(
             "pgrelay_commit_to_send_seconds",
@@ -31,13 +82,6 @@ class Metrics:
             "pgrelay_listener_reconnects", "Reconnects of the LISTEN connection", registry=r
         )
         self.listener_up = Gauge("pgrelay_listener_up", "1 while LISTEN is live", registry=r)
-        self.outbox_overflows = Counter(
-            "pgrelay_outbox_overflows", "Client outboxes that overflowed", registry=r
-        )
-        self.resyncs = Counter("pgrelay_resyncs", "resync frames sent", ["reason"], registry=r)
-        self.slow_closes = Counter(
-            "pgrelay_slow_client_closes", "Clients closed with 4008 (too slow)", registry=r
-        )
         self.auth_failures = Counter(
             "pgrelay_auth_failures", "Rejected tokens", ["reason"], registry=r
         )

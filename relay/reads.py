@@ -15,20 +15,21 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import json
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from relay.core.cursor import TOO_FAR_BEHIND, Replay, ResumePlan, Snapshot, plan_resume
+from relay.core.cursor import Snapshot
 from relay.core.protocol import EventRow
+from relay.core.subscription import CatchUpPage, CatchUpQuery
+from relay.database import Database
+from relay.errors import ReadFailed
 
-#: Rows per page of the tail and of catch-up: a burst of 100,000 rows is read
-#: in pages, never in one query.
+#: Rows per page of the tail: a burst of 100,000 rows is read in pages, never
+#: in one query. (A catch-up's pages are `CatchUpLimits.page_rows`.)
 PAGE_ROWS = 2000
 
 _ROW_COLUMNS = (
@@ -36,27 +37,53 @@ _ROW_COLUMNS = (
     "e.payload::text, to_json(e.created_at) #>> '{}', e.xid::text"
 )
 
-#: Catch-up for one organization, run as the subscriber role under the
-#: client's claims, so that row-level security filters it for real.
-#: Uses events_org_xid_idx (checked by the test suite with EXPLAIN).
-CATCHUP_SQL = f"""
-SELECT {_ROW_COLUMNS}
-FROM relay.events AS e
-WHERE e.organization_id = %(org)s
-  AND (e.xid >= %(xmax)s::xid8 OR e.xid = ANY (%(xip)s::xid8[]))
-  AND e.id > %(after)s
-ORDER BY e.id
-LIMIT %(limit)s
-"""
-
-#: How many rows a catch-up would replay, counting no further than `limit`.
-CATCHUP_COUNT_SQL = """
-SELECT count(*) FROM (
-    SELECT 1 FROM relay.events AS e
+#: Catch-up for one organization: its rows not visible in the client's snapshot
+#: (`since`) but visible in S, after a (xid, id) keyset position, in (xid, id)
+#: order. Run as the subscriber role under the client's claims, so that
+#: row-level security filters it for real. Two branches, each an ordered range
+#: of events_org_xid_idx (checked by the test suite with EXPLAIN): the xids that
+#: were in progress at `since` (all below since.xmax), then everything from
+#: since.xmax on. Reading by xid makes each page's start a snapshot too, so a
+#: client interrupted mid-replay resumes from the page it was on.
+#: <head> restricts to rows visible in S; a round's first read leaves it out
+#: and reads in S itself (a REPEATABLE READ snapshot taken with S).
+_CATCH_UP_BRANCH = f"""
+    SELECT {_ROW_COLUMNS}, e.xid AS order_xid
+    FROM relay.events AS e
     WHERE e.organization_id = %(org)s
-      AND (e.xid >= %(xmax)s::xid8 OR e.xid = ANY (%(xip)s::xid8[]))
+      AND <range>
+      AND (e.xid > %(after_xid)s::xid8 OR e.id > %(after_id)s)
+      <head>
+    ORDER BY e.xid, e.id
     LIMIT %(limit)s
-) AS n
+"""
+_IN_SINCE_XIP = "e.xid = ANY (%(since_xip)s::xid8[]) AND e.xid >= %(after_xid)s::xid8"
+_FROM_SINCE_XMAX = "e.xid >= %(low)s::xid8"
+_VISIBLE_IN_HEAD = "AND e.xid < %(head_xmax)s::xid8 AND NOT (e.xid = ANY (%(head_xip)s::xid8[]))"
+
+
+def _catch_up_sql(head: str) -> str:
+    a = _CATCH_UP_BRANCH.replace("<range>", _IN_SINCE_XIP).replace("<head>", head)
+    b = _CATCH_UP_BRANCH.replace("<range>", _FROM_SINCE_XMAX).replace("<head>", head)
+    return f"SELECT * FROM (({a}) UNION ALL ({b})) AS page ORDER BY order_xid, 1 LIMIT %(limit)s"
+
+
+CATCH_UP_SQL = _catch_up_sql(_VISIBLE_IN_HEAD)
+"""A later page of a catch-up (S given explicitly)."""
+CATCH_UP_FIRST_SQL = _catch_up_sql("")
+"""The first page, read in S's own REPEATABLE READ transaction."""
+
+#: How many rows a catch-up replays (in S's transaction), counting no further
+#: than `count_limit` per branch.
+CATCH_UP_COUNT_SQL = """
+SELECT (SELECT count(*) FROM (
+            SELECT 1 FROM relay.events AS e
+            WHERE e.organization_id = %(org)s AND e.xid = ANY (%(since_xip)s::xid8[])
+            LIMIT %(count_limit)s) AS a)
+     + (SELECT count(*) FROM (
+            SELECT 1 FROM relay.events AS e
+            WHERE e.organization_id = %(org)s AND e.xid >= %(since_xmax)s::xid8
+            LIMIT %(count_limit)s) AS b)
 """
 
 TAIL_SQL = """
@@ -194,23 +221,6 @@ def read_tail(
     return rows, step.snapshot
 
 
-@dataclass(frozen=True)
-class SubscribeRead:
-    """What one subscribe (or resume) found, all read in one snapshot S."""
-
-    allowed: bool
-    """Whether the organization is among relay.user_organizations() for these claims."""
-    snapshot: Snapshot
-    """S: the live handover point. The org's rows visible in S are replayed or were
-    visible in the cursor; live rows not visible in S follow."""
-    epoch: str
-    """The database epoch, for fresh cursors."""
-    plan: ResumePlan
-    """Fresh, Replay or Resync (TOO_FAR_BEHIND when the replay would exceed the limit)."""
-    replay: list[EventRow]
-    """With a Replay plan: the org's rows not visible in the cursor, in id order."""
-
-
 @contextlib.contextmanager
 def _as_subscriber(conn: Conn, role: str, claims_json: str) -> Iterator[None]:
     """Switch the current transaction to `role` with the client's claims. Fails closed:
@@ -239,65 +249,93 @@ def authorized_orgs(
         conn.execute("ROLLBACK")
 
 
-def subscribe_read(
-    conn: Conn,
-    role: str,
-    claims_json: str,
-    org: uuid.UUID,
-    cursor_text: str | None,
-    *,
-    replay_limit: int,
-    page_rows: int = PAGE_ROWS,
-) -> SubscribeRead:
-    """Authorize `org` for these claims, plan the resume from `cursor_text`, and read
-    the rows to replay, all in one REPEATABLE READ snapshot S (the live handover point)."""
-    conn.execute(_BEGIN_SNAPSHOT)
+def read_catch_up(conn: Conn, role: str, claims_json: str, query: CatchUpQuery) -> CatchUpPage:
+    """One catch-up read (see `relay.core.subscription.CatchUpQuery`), in a single
+    pipelined round trip: the database's epoch and the org's retention horizon
+    (as the daemon), then, as `role` under the client's claims, whether the org
+    is allowed, and the page (and on a round's first read with `since`, the
+    count). A first read runs in REPEATABLE READ and takes S with
+    pg_current_snapshot(): the page is read in S itself."""
+    first = query.head is None
+    since = query.since
+    org = query.org
+    params: dict[str, Any] = {
+        "org": org,
+        "after_xid": str(query.after[0]),
+        "after_id": query.after[1],
+        "limit": query.page_rows,
+        "count_limit": query.count_limit,
+    }
+    if since is not None:
+        params |= {
+            "since_xmax": str(since.xmax),
+            "since_xip": [str(x) for x in since.xip],
+            "low": str(max(since.xmax, query.after[0])),
+        }
+    if query.head is not None:
+        params |= {
+            "head_xmax": str(query.head.xmax),
+            "head_xip": [str(x) for x in query.head.xip],
+        }
+    count = page = None
     try:
-        row = conn.execute(
-            "SELECT pg_current_snapshot()::text, relay.database_epoch(), "
-            "relay.retention_horizon(%s)::text",
-            (org,),
-        ).fetchone()
-        assert row is not None
-        snapshot = Snapshot.parse(row[0])
-        epoch = short_epoch(str(row[1]))
-        horizon = int(row[2]) if row[2] is not None else None
-        plan = plan_resume(cursor_text, epoch=epoch, head=snapshot, retention_horizon=horizon)
-        replay: list[EventRow] = []
-        with _as_subscriber(conn, role, claims_json):
-            ok = conn.execute(
-                "SELECT %s::uuid IN (SELECT relay.user_organizations())", (org,)
-            ).fetchone()
-            allowed = bool(ok and ok[0])
-            if allowed and isinstance(plan, Replay):
-                params: dict[str, Any] = {"org": org} | _since_params(plan.since)
-                counted = conn.execute(
-                    CATCHUP_COUNT_SQL, params | {"limit": replay_limit + 1}
-                ).fetchone()
-                if counted is not None and counted[0] > replay_limit:
-                    plan = TOO_FAR_BEHIND
-                else:
-                    after = 0
-                    while True:
-                        page = [
-                            _row(r)
-                            for r in conn.execute(
-                                CATCHUP_SQL, params | {"after": after, "limit": page_rows}
-                            )
-                        ]
-                        replay += page
-                        if len(page) < page_rows:
-                            break
-                        after = page[-1].id
-        return SubscribeRead(allowed, snapshot, epoch, plan, replay)
-    finally:
-        conn.execute("ROLLBACK")
+        with conn.pipeline():
+            conn.execute(_BEGIN_SNAPSHOT if first else "BEGIN READ ONLY")
+            facts = conn.execute(
+                "SELECT pg_current_snapshot()::text, relay.database_epoch(), "
+                "relay.retention_horizon(%s)::text",
+                (org,),
+            )
+            conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+            conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (claims_json,))
+            allowed = conn.execute("SELECT %s::uuid IN (SELECT relay.user_organizations())", (org,))
+            if since is not None:
+                if first and query.count_limit:
+                    count = conn.execute(CATCH_UP_COUNT_SQL, params)
+                page = conn.execute(CATCH_UP_FIRST_SQL if first else CATCH_UP_SQL, params)
+            conn.execute("ROLLBACK")
+        fact = facts.fetchone()
+        ok = allowed.fetchone()
+        assert fact is not None and ok is not None
+        is_allowed = bool(ok[0])
+        counted = count.fetchone() if count is not None else None
+        rows = [_row(r) for r in page.fetchall()] if page is not None and is_allowed else []
+    except BaseException:
+        if not conn.broken and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("ROLLBACK")
+        raise
+    return CatchUpPage(
+        allowed=is_allowed,
+        epoch=short_epoch(str(fact[1])),
+        head=Snapshot.parse(fact[0]) if query.head is None else query.head,
+        horizon=int(fact[2]) if fact[2] is not None else None,
+        count=min(int(counted[0]), query.count_limit) if counted else 0,
+        rows=rows,
+    )
+
+
+class SubscriberReads:
+    """The reads a connection runs for its client, on the pool, in worker threads,
+    as the subscriber role. Database failures become `ReadFailed`."""
+
+    def __init__(self, db: Database, role: str) -> None:
+        self.db = db
+        self.role = role
+        """The role per-client reads run as (`PGRELAY_SUBSCRIBER_ROLE`)."""
+
+    async def catch_up(self, claims_json: str, query: CatchUpQuery) -> CatchUpPage:
+        try:
+            return await self.db.run(read_catch_up, self.role, claims_json, query)
+        except psycopg.Error as exc:
+            raise ReadFailed(str(exc).strip()) from exc
+
+    async def authorized(self, claims_json: str, orgs: list[uuid.UUID]) -> set[uuid.UUID]:
+        try:
+            return await self.db.run(authorized_orgs, self.role, claims_json, orgs)
+        except psycopg.Error as exc:
+            raise ReadFailed(str(exc).strip()) from exc
 
 
 def short_epoch(raw: str) -> str:
     """The epoch as cursors carry it: a 12-character digest of relay.database_epoch()."""
     return base64.urlsafe_b64encode(hashlib.blake2b(raw.encode(), digest_size=9).digest()).decode()
-
-
-def claims_json(claims: Mapping[str, Any]) -> str:
-    return json.dumps(claims, separators=(",", ":"), sort_keys=True)

@@ -26,7 +26,7 @@ import psycopg
 import structlog
 import trio
 
-from relay.core.cursor import Cursor, ResyncReason, Snapshot
+from relay.core.cursor import Cursor, Snapshot, TailPosition
 from relay.core.protocol import EventRow
 from relay.database import Conn, Database, connect_listener
 from relay.metrics import Metrics
@@ -54,8 +54,9 @@ class Sink(Protocol):
         """A page of rows in id order. `since_cursor` is safe for every row; on the last
         page of a step, `head_cursor` is safe after an organization's last row."""
 
-    def resync_all(self, reason: ResyncReason, cursor_for: Callable[[], str]) -> None:
-        """The database changed under us: every subscription must resync."""
+    def database_changed(self) -> None:
+        """The database changed under us (see `Tailer.position`): every
+        subscription must resync."""
 
 
 class Backoff:
@@ -88,6 +89,7 @@ class Tailer:
         sink: Sink,
         metrics: Metrics,
         *,
+        position: TailPosition,
         poll_interval_s: float,
         page_rows: int = PAGE_ROWS,
         connect: Callable[[str, str], Conn] = connect_listener,
@@ -100,18 +102,13 @@ class Tailer:
         self._connect = connect
         self._doorbell = trio.Event()
         self.listening = False
-        self.epoch = ""
-        self.head: Snapshot | None = None
+        self.position = position
+        """Where the tail stands: epoch and the last step's snapshot (shared with the hub)."""
         self._listener_conn: Conn | None = None
         self._epoch_due = True
         self._epoch_checked_at = 0.0
         self.heartbeat_at = 0.0
         """trio time of the tail loop's last turn (the systemd watchdog checks it)."""
-
-    @property
-    def head_cursor(self) -> str:
-        assert self.head is not None
-        return Cursor(self.epoch, self.head).encode()
 
     def ring(self) -> None:
         self._doorbell.set()
@@ -120,13 +117,14 @@ class Tailer:
         """Start order: LISTEN live, then the first snapshot, then `started()`."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self._listen)
-            while self.head is None:
+            position = self.position
+            while position.snapshot is None:
                 try:
-                    self.epoch, self.head = await self.db.run(_epoch_and_snapshot)
+                    position.epoch, position.snapshot = await self.db.run(_epoch_and_snapshot)
                 except psycopg.Error as exc:
                     log.warning("first snapshot failed; retrying", error=str(exc))
                     await trio.sleep(STEP_RETRY_S)
-            log.info("tail started", snapshot=str(self.head))
+            log.info("tail started", snapshot=str(position.snapshot))
             self.heartbeat_at = trio.current_time()
             task_status.started()
             await self._tail_loop()
@@ -205,8 +203,9 @@ class Tailer:
         A typical step is one hop to a worker thread and one pipelined round trip
         (see reads.TailRead). The database epoch is checked on the first step,
         after every listener reconnect, and every EPOCH_CHECK_INTERVAL_S."""
-        assert self.head is not None
-        since = self.head
+        position = self.position
+        since = position.snapshot
+        assert since is not None
         started_at = trio.current_time()
         with_epoch = self._epoch_due or started_at - self._epoch_checked_at > EPOCH_CHECK_INTERVAL_S
         read = await self.db.in_thread(self._open_step, since, with_epoch)
@@ -215,11 +214,11 @@ class Tailer:
             if with_epoch:
                 self._epoch_due = False
                 self._epoch_checked_at = started_at
-            if (with_epoch and read.epoch != self.epoch) or read.snapshot.xmax < since.xmax:
-                self._database_changed(read.epoch or self.epoch, read.snapshot)
+            if (with_epoch and read.epoch != position.epoch) or read.snapshot.xmax < since.xmax:
+                self._database_changed(read.epoch or position.epoch, read.snapshot)
                 return 0
-            since_cursor = Cursor(self.epoch, since).encode()
-            head_cursor = Cursor(self.epoch, read.snapshot).encode()
+            since_cursor = Cursor(position.epoch, since).encode()
+            head_cursor = Cursor(position.epoch, read.snapshot).encode()
             page = read.first_page
             while True:
                 if page:
@@ -231,7 +230,7 @@ class Tailer:
                 if read.done:
                     break
                 page = await self.db.in_thread(read.next_page)
-            self.head = read.snapshot
+            position.snapshot = read.snapshot
         finally:
             if not read.done:  # cancelled or failed mid-step: end it, give the connection back
                 with trio.CancelScope(shield=True):
@@ -252,12 +251,12 @@ class Tailer:
         tell every subscription to resync."""
         log.error(
             "database epoch changed; every subscription resyncs",
-            old_epoch=self.epoch,
+            old_epoch=self.position.epoch,
             new_epoch=epoch,
         )
-        self.epoch = epoch
-        self.head = snapshot
-        self.sink.resync_all(ResyncReason.EPOCH_CHANGED, lambda: self.head_cursor)
+        self.position.epoch = epoch
+        self.position.snapshot = snapshot
+        self.sink.database_changed()
 
 
 def _epoch_and_snapshot(conn: Conn) -> tuple[str, Snapshot]:

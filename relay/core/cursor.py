@@ -9,8 +9,14 @@ snapshot: `"1." + base64url(varint fields)`, no padding, one canonical spelling
 per value. Decoding junk returns a `BadCursor` value; it never raises.
 
 `plan_resume` turns the cursor a client sent with `subscribe` into what the
-shell must do: start live (`Fresh`), replay rows not visible in the cursor
+subscription does: start live (`Fresh`), replay rows not visible in the cursor
 (`Replay`), or tell the client to refresh (`Resync`).
+
+Every rule that decides which cursor a frame carries lives here too: the live
+tail's page cursors (`tail_page_cursors`), the replay cursors of a catch-up
+(`CatchUp`), and the handover from catch-up to live (`handed_over`). The
+coalescer's rule (a collapsed event carries the oldest cursor still owed) is
+stated in `coalesce`, where the held events are.
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
+from typing import TypeVar
+
+from relay.core.codes import ResyncReason
 
 __all__ = [
     "CURSOR_VERSION",
@@ -29,15 +38,20 @@ __all__ = [
     "MAX_XID",
     "TOO_FAR_BEHIND",
     "BadCursor",
+    "CatchUp",
     "Cursor",
     "Fresh",
     "Replay",
     "ResumePlan",
     "Resync",
-    "ResyncReason",
     "Snapshot",
+    "TailPosition",
     "decode_cursor",
+    "expired",
+    "handed_over",
     "plan_resume",
+    "seen_through",
+    "tail_page_cursors",
 ]
 
 MAX_XID = 2**64 - 1
@@ -56,16 +70,6 @@ MAX_EPOCH_BYTES = 255
 """Longest epoch (UTF-8 bytes) a cursor can carry."""
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
-
-
-class ResyncReason(StrEnum):
-    """Why a client must do a full refresh (the `reason` of a `resync` frame)."""
-
-    CURSOR_EXPIRED = "cursor_expired"
-    TOO_FAR_BEHIND = "too_far_behind"
-    OVERFLOW = "overflow"
-    EPOCH_CHANGED = "epoch_changed"
-    BAD_CURSOR = "bad_cursor"
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,26 +294,28 @@ class Resync:
 ResumePlan = Fresh | Replay | Resync
 
 TOO_FAR_BEHIND = Resync(ResyncReason.TOO_FAR_BEHIND)
-"""The plan the shell substitutes when a replay would exceed its limit."""
+"""The plan when a replay would exceed the replay limit."""
 
 
 def plan_resume(
-    cursor_text: str | None,
+    cursor: str | Cursor | BadCursor | None,
     *,
     epoch: str,
     head: Snapshot,
     retention_horizon: int | None,
 ) -> ResumePlan:
-    """Decide how a subscription starts.
+    """Decide how a subscription starts from the cursor the client sent (its
+    text, or already decoded).
 
     `head` must be a snapshot taken now (e.g. in the catch-up transaction),
     not an older one: a cursor issued by another daemon a moment ago must not
     look like it comes from the future. `retention_horizon` is the largest
     xid retention has deleted for the org (None: nothing deleted).
     """
-    if cursor_text is None:
+    if cursor is None:
         return Fresh()
-    cursor = decode_cursor(cursor_text)
+    if isinstance(cursor, str):
+        cursor = decode_cursor(cursor)
     if isinstance(cursor, BadCursor):
         return Resync(ResyncReason.BAD_CURSOR)
     if cursor.epoch != epoch:
@@ -318,8 +324,113 @@ def plan_resume(
     if since.xmax > head.xmax:
         # From the future: another database, or a backup restored under us.
         return Resync(ResyncReason.BAD_CURSOR)
-    # Deleted rows all have xid <= horizon. One of them is lost to the client
-    # exactly when some xid <= horizon is invisible in the cursor.
-    if retention_horizon is not None and retention_horizon >= since.first_invisible:
+    if expired(since, retention_horizon):
         return Resync(ResyncReason.CURSOR_EXPIRED)
     return Replay(since)
+
+
+def expired(seen: Snapshot, retention_horizon: int | None) -> bool:
+    """Whether retention may have deleted a row that `seen` has not seen.
+
+    Deleted rows all have xid <= horizon. One of them is lost to the client
+    exactly when some xid <= horizon is invisible in `seen`."""
+    return retention_horizon is not None and retention_horizon >= seen.first_invisible
+
+
+# -- which cursor each frame carries ----------------------------------------------
+#
+# A cursor in a frame must be safe: resuming from it may repeat events, never
+# skip one. Every rule that picks the cursor of a frame lives below.
+
+
+def seen_through(since: Snapshot, head: Snapshot, below: int) -> Snapshot:
+    """What a client has seen once a catch-up from `since` to `head` delivered
+    every row whose xid is below `below`: the rows visible in `since`, plus the
+    rows visible in `head` with xid < `below`.
+
+    The catch-up reads rows in (xid, id) order, so at the start of each page
+    every row of a smaller xid has gone out: this is the cursor of the page.
+    """
+    bound = min(below, head.xmax)
+    xmax = max(since.xmax, bound)
+    xip = sorted(
+        {x for x in head.xip if x < bound and not since.visible(x)}
+        | {x for x in since.xip if x >= bound}
+    )
+    return Snapshot(xip[0] if xip else xmax, xmax, tuple(xip))
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """One catch-up: the org's rows not visible in `since` but visible in
+    `head`, read in (xid, id) order, page by page.
+
+    The replay cursor rule: each replayed row carries `cursor_before(xid of
+    the page's first row)` — everything of smaller xids has gone out — and the
+    last row of the catch-up carries `head_cursor` (as does `subscribed`).
+    Resuming from a page's cursor repeats at most that page.
+    """
+
+    epoch: str
+    """The database epoch the snapshots belong to."""
+    since: Snapshot
+    """What the client had seen (its cursor)."""
+    head: Snapshot
+    """S: the snapshot the catch-up reads up to; live rows take over after it."""
+
+    def cursor_before(self, xid: int) -> str:
+        """The cursor once every row with a smaller xid went out."""
+        return Cursor(self.epoch, seen_through(self.since, self.head, xid)).encode()
+
+    @property
+    def head_cursor(self) -> str:
+        """The cursor once the whole catch-up went out."""
+        return Cursor(self.epoch, self.head).encode()
+
+
+def handed_over(head: Snapshot, xid: int) -> bool:
+    """The handover rule: a live row visible in a subscription's catch-up
+    snapshot `head` was replayed (or the client's cursor had seen it), so it is
+    never sent again, whether it arrives during the catch-up or later from a tail
+    that lags behind `head`. Every other live row follows `subscribed`, with the
+    cursor the tail gave it (older than `head` at worst: a repeat, never a skip)."""
+    return head.visible(xid)
+
+
+_T = TypeVar("_T")
+
+
+def tail_page_cursors(orgs: Sequence[_T], since: str, head: str | None) -> list[str]:
+    """The page cursor rule of the live tail: which cursor each row of one page
+    carries, given the orgs of the rows in order.
+
+    A tail step reads the rows visible in its new snapshot (`head`) but not in
+    the previous one (`since`). Every row carries `since`, except an org's
+    last row on the step's last page (`head` given), which carries `head`: by
+    then that org's whole step has gone out."""
+    cursors = [since] * len(orgs)
+    if head is not None:
+        for i in {org: i for i, org in enumerate(orgs)}.values():
+            cursors[i] = head
+    return cursors
+
+
+class TailPosition:
+    """Where this daemon's live tail stands: the database epoch and the snapshot
+    of its last completed step. Everything not visible in it will still be
+    delivered live, so `cursor()` is safe at any moment. The tail writes it;
+    the fan-out reads it."""
+
+    __slots__ = ("epoch", "snapshot")
+
+    def __init__(self) -> None:
+        self.epoch = ""
+        """The database epoch (as cursors carry it)."""
+        self.snapshot: Snapshot | None = None
+        """The last completed step's snapshot; None before the first one."""
+
+    def cursor(self) -> str:
+        """A cursor for the current position (the tail must have started)."""
+        if self.snapshot is None:
+            raise RuntimeError("the tail has not taken its first snapshot")
+        return Cursor(self.epoch, self.snapshot).encode()

@@ -1,9 +1,21 @@
-"""Bounded per-connection outbox, used only while a client's socket is behind.
+"""What one connection is about to send: the transport's direct path, and a
+bounded outbox for when the socket falls behind.
 
-The shell tries one non-blocking send per frame; when bytes are left over it
-queues further frames here and the connection's writer task drains them with
-`pop_ready`. Pushing never grows the outbox past its bounds (frames and
-bytes). When a push would, the outbox, in order:
+`Output` is the only way frames leave a session. With nothing queued, a frame
+goes straight to the `Transport` (the WebSocket connection: one non-blocking
+`send()`, leftover bytes kept by the transport up to its own bound). Once the
+transport refuses a frame (its bound would be exceeded), frames queue in the
+`Outbox`, and `Output.drained` (called by the transport each time it has sent
+most of its unsent bytes) moves them on, several frames per `send()`.
+
+**The drain invariant**, kept in `Output.drained` and nowhere else: *the outbox
+is not empty => the transport holds unsent bytes*, so the transport will call
+`drained` again. `drained` moves frames until the outbox is empty or the
+transport keeps some bytes unsent; it never leaves frames queued behind an
+idle transport (which would stall the connection forever).
+
+The outbox never grows past its bounds (frames and bytes). When a push would,
+it, in order:
 
 1. coalesces: pending events of the same org and key (event_type,
    entity_type, entity_id) collapse into the newest one, re-encoded with the
@@ -16,14 +28,12 @@ bytes). When a push would, the outbox, in order:
    moves forward) until it is sent;
 3. gives up: returns HOPELESS when even that is not enough (control frames
    alone fill it), or when overflows repeat (`max_overflows` within
-   `overflow_window_s`). The caller closes with 4008 and drops the frame.
+   `overflow_window_s`). The session closes with 4008.
 
-`stalled(now)` tells the caller the client stopped reading: frames pending
-and no progress for `max_stall_s`. Progress is a pop (the writer pops only
-after its previous write went out) or a push into an empty outbox.
-
-Overflow is always a returned value; the caller decides (centrifuge's
-DisconnectSlow).
+A client that stops reading is found by the stall deadline: frames waiting
+with no progress for `max_stall_s` (progress: the transport drained, or a send
+found nothing waiting). Overflow is always a returned value; the caller
+decides (centrifuge's DisconnectSlow).
 """
 
 from __future__ import annotations
@@ -31,14 +41,21 @@ from __future__ import annotations
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from relay.core.coalesce import EventKey, event_key
-from relay.core.cursor import ResyncReason
+from relay.core.codes import ResyncReason
 from relay.core.protocol import EventRow, encode_event, encode_resync
+from relay.core.stats import Stats
 
-__all__ = ["Outbox", "OutboxLimits", "PushResult"]
+__all__ = ["Outbox", "OutboxLimits", "Output", "OutputLimits", "PushResult", "Transport"]
+
+MAX_FRAME_BYTES = 16 * 1024
+"""Upper bound of one server frame: the SQL CHECKs bound every field (2 KB
+payload, 256-character ids, escaped to ASCII at most 12 bytes per character)
+and a cursor is at most 4 KiB."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +70,10 @@ class OutboxLimits:
     """Overflows (resync collapses) tolerated within `overflow_window_s`."""
     overflow_window_s: float = 30.0
     """Window for counting overflows."""
-    max_stall_s: float = 30.0
-    """How long frames may wait with no progress before the client is hopeless."""
+
+    def __post_init__(self) -> None:
+        if self.max_frames < 1 or self.max_bytes < 1:
+            raise ValueError("an outbox must hold at least one frame")
 
 
 class PushResult(StrEnum):
@@ -92,16 +111,7 @@ def _as_is(message: bytes) -> bytes:
 class Outbox:
     """Frames waiting for one slow connection."""
 
-    __slots__ = (
-        "_bytes",
-        "_entries",
-        "_overflows",
-        "_progress_at",
-        "_resyncs",
-        "_wrap",
-        "limits",
-        "resynced_orgs",
-    )
+    __slots__ = ("_bytes", "_entries", "_overflows", "_resyncs", "_wrap", "limits")
 
     def __init__(
         self, limits: OutboxLimits | None = None, *, wrap: Callable[[bytes], bytes] = _as_is
@@ -114,10 +124,7 @@ class Outbox:
         self._entries: deque[_Entry] = deque()
         self._bytes = 0
         self._overflows: deque[float] = deque()
-        self._progress_at = 0.0
         self._resyncs: dict[uuid.UUID, _Entry] = {}
-        self.resynced_orgs = 0
-        """Total org collapses into resync (for metrics)."""
 
     def __len__(self) -> int:
         """Frames pending."""
@@ -142,8 +149,6 @@ class Outbox:
         after this event committed, so only the resync's cursor moves forward."""
         pending_resync = self._resyncs.get(row.org)
         if pending_resync is not None:
-            if self.stalled(now):
-                return PushResult.HOPELESS
             self._absorb(pending_resync, cursor)
             return PushResult.COALESCED
         return self._push(_Entry(frame, row.org, row, cursor, coalesced), now)
@@ -155,31 +160,25 @@ class Outbox:
         resync.frame = frame
         resync.cursor = cursor
 
-    def push_resync(
-        self, org: uuid.UUID, reason: ResyncReason, cursor: str, now: float
-    ) -> PushResult:
-        """Queue a `resync`, dropping the org's pending events (they are superseded)."""
-        self._drop_org_events(org)
-        return self._push(self._resync_entry(org, reason, cursor), now)
-
-    def pop_ready(self, max_bytes: int, now: float) -> list[bytes]:
-        """Frames to send in one write: at least one if any, then up to `max_bytes`."""
-        self._progress_at = now
+    def pop_ready(self, max_bytes: int, *, at_least_one: bool = False) -> tuple[list[bytes], int]:
+        """Frames to send in one write, in order, together at most `max_bytes`
+        (or the first one alone, with `at_least_one`), and how many are events."""
         out: list[bytes] = []
         total = 0
+        events = 0
         entries = self._entries
-        while entries and (not out or total + len(entries[0].frame) <= max_bytes):
+        while entries and (
+            total + len(entries[0].frame) <= max_bytes or (at_least_one and not out)
+        ):
             entry = entries.popleft()
             total += len(entry.frame)
             out.append(entry.frame)
-            if entry.org is not None and self._resyncs.get(entry.org) is entry:
+            if entry.row is not None:
+                events += 1
+            elif entry.org is not None and self._resyncs.get(entry.org) is entry:
                 del self._resyncs[entry.org]
         self._bytes -= total
-        return out
-
-    def stalled(self, now: float) -> bool:
-        """Whether frames have waited `max_stall_s` with no progress: close with 4008."""
-        return bool(self._entries) and now - self._progress_at >= self.limits.max_stall_s
+        return out, events
 
     def _over(self, extra: _Entry | None = None) -> bool:
         frames = len(self._entries) + (extra is not None)
@@ -187,19 +186,14 @@ class Outbox:
         return frames > self.limits.max_frames or size > self.limits.max_bytes
 
     def _push(self, entry: _Entry, now: float) -> PushResult:
-        if not self._entries:
-            self._progress_at = now
         if not self._over(entry):
             self._append(entry)
             return PushResult.QUEUED
-        if self.stalled(now):
-            return PushResult.HOPELESS
         self._append(entry)
         self._coalesce()
         if not self._over():
             return PushResult.COALESCED
         before_collapse = (list(self._entries), dict(self._resyncs))
-        collapsed = 0
         while self._over():
             org = self._heaviest_org()
             if org is None:
@@ -211,8 +205,6 @@ class Outbox:
                 self._resyncs = {o: e for o, e in resyncs.items() if e in self._entries}
                 return PushResult.HOPELESS
             self._collapse(org)
-            collapsed += 1
-        self.resynced_orgs += collapsed
         self._overflows.append(now)
         while self._overflows and self._overflows[0] <= now - self.limits.overflow_window_s:
             self._overflows.popleft()
@@ -280,3 +272,191 @@ class Outbox:
         entry.reason = reason
         self._resyncs[org] = entry
         return entry
+
+
+# -- the output: direct path, outbox, drain ------------------------------------------
+
+
+class Transport(Protocol):
+    """The byte sink under an `Output`: the WebSocket connection in the shell,
+    a scripted fake in tests."""
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes accepted but not yet taken by the kernel. While it is above 0,
+        the transport calls `Output.drained` again once it has sent most of them."""
+        ...
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Take `data` whole without blocking (send now, or keep it behind the
+        unsent bytes) and return True, or refuse it whole (it would exceed the
+        transport's bound) and return False. A closed transport takes and drops."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class OutputLimits:
+    """Bounds of one connection's output."""
+
+    transport_bytes: int = 64 * 1024
+    """The transport's bound on unsent bytes (`WsLimits.max_unsent_bytes`); at
+    least MAX_FRAME_BYTES in production, so that any frame fits."""
+    room_bytes: int = 32 * 1024
+    """Catch-up frames go out only while less than this is waiting to be sent
+    (the low-water mark that paces a replay by the client's socket)."""
+    max_stall_s: float = 30.0
+    """Frames waiting this long with no progress: the client stopped reading."""
+    outbox: OutboxLimits = field(default_factory=OutboxLimits)
+    """Bounds of the outbox behind the transport."""
+
+    def __post_init__(self) -> None:
+        # A frame larger than the transport's bound could never be sent: the shell's
+        # bound (64 KiB) is far above MAX_FRAME_BYTES; tests use small ones.
+        if self.transport_bytes < 1 or self.room_bytes < 1 or not self.max_stall_s > 0:
+            raise ValueError("output limits must be positive")
+
+
+class Output:
+    """Everything one connection is about to send (see the module docstring).
+
+    Every method that queues returns False when the client is hopeless: the
+    caller closes with 4008."""
+
+    __slots__ = ("_outbox", "_progress_at", "_wrap", "limits", "stats", "transport")
+
+    def __init__(
+        self,
+        transport: Transport,
+        limits: OutputLimits | None = None,
+        *,
+        stats: Stats | None = None,
+        wrap: Callable[[bytes], bytes] = _as_is,
+    ) -> None:
+        """`wrap` turns an encoded message into the bytes that are sent (the shell
+        passes its WebSocket frame encoder)."""
+        self.transport = transport
+        self.limits = limits or OutputLimits()
+        self.stats = stats or Stats()
+        self._wrap = wrap
+        self._outbox: Outbox | None = None
+        """Created when the transport first refuses a frame, then kept (it
+        remembers recent overflows)."""
+        self._progress_at = 0.0
+
+    def wrap(self, message: bytes) -> bytes:
+        """The bytes that carry `message` on the transport (a WebSocket frame)."""
+        return self._wrap(message)
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes waiting to be sent: the transport's unsent bytes and the outbox."""
+        outbox = self._outbox
+        return self.transport.unsent_bytes + (outbox.pending_bytes if outbox else 0)
+
+    def has_room(self) -> bool:
+        """Whether a catch-up may send more now (the backlog is under `room_bytes`)."""
+        return self.backlog_bytes < self.limits.room_bytes
+
+    def stall_deadline(self) -> float | None:
+        """When a client that makes no progress is cut off (None: nothing waits)."""
+        if not self.backlog_bytes:
+            return None
+        return self._progress_at + self.limits.max_stall_s
+
+    def stalled(self, now: float) -> bool:
+        """Whether frames have waited `max_stall_s` with no progress: close with 4008."""
+        deadline = self.stall_deadline()
+        return deadline is not None and now >= deadline
+
+    def control(self, message: bytes, now: float) -> bool:
+        """Send a control message (never coalesced or dropped while the connection lives)."""
+        frame = self._wrap(message)
+        outbox = self._outbox
+        if not outbox:
+            self._sending(now)
+            if self.transport.send_nowait(frame):
+                return True
+            outbox = self._queue()
+        return self._pushed(outbox.push_frame(frame, now), now)
+
+    def event(self, row: EventRow, cursor: str, frame: bytes, now: float) -> bool:
+        """Send one event; `frame` is `wrap(encode_event(row, cursor))`, encoded once
+        for every recipient."""
+        outbox = self._outbox
+        if not outbox:
+            self._sending(now)
+            if self.transport.send_nowait(frame):
+                self.stats.events_sent += 1
+                return True
+            outbox = self._queue()
+        return self._pushed(outbox.push_event(row, cursor, frame, now), now)
+
+    def coalesced_event(self, row: EventRow, cursor: str, count: int, now: float) -> bool:
+        """Send an event that stands for `count` events of its key."""
+        frame = self._wrap(encode_event(row, cursor, count))
+        outbox = self._outbox
+        if not outbox:
+            self._sending(now)
+            if self.transport.send_nowait(frame):
+                self.stats.events_sent += 1
+                return True
+            outbox = self._queue()
+        return self._pushed(outbox.push_event(row, cursor, frame, now, coalesced=count), now)
+
+    def replayed(self, batch: list[tuple[EventRow, str, bytes]], now: float) -> bool:
+        """Send a batch of catch-up events (row, cursor, frame) in one write. The
+        caller paces catch-ups by `has_room`, so a batch fits what the transport
+        takes; if it ever does not, the events queue like live ones."""
+        self.stats.catch_up_events += len(batch)
+        outbox = self._outbox
+        if not outbox:
+            self._sending(now)
+            if self.transport.send_nowait(b"".join(frame for _, _, frame in batch)):
+                self.stats.events_sent += len(batch)
+                return True
+            outbox = self._queue()
+        ok = True
+        for row, cursor, frame in batch:
+            ok = self._pushed(outbox.push_event(row, cursor, frame, now), now) and ok
+        return ok
+
+    def drained(self, now: float) -> None:
+        """The transport sent most of its unsent bytes: move queued frames on.
+
+        Keeps the drain invariant (module docstring): on return, the outbox is
+        empty or the transport holds unsent bytes, so it calls this again."""
+        self._progress_at = now
+        outbox = self._outbox
+        transport = self.transport
+        while outbox:
+            unsent = transport.unsent_bytes
+            frames, events = outbox.pop_ready(
+                self.limits.transport_bytes - unsent, at_least_one=not unsent
+            )
+            if not frames:
+                break  # the next frame needs more room: unsent > 0, a drain follows
+            if not transport.send_nowait(b"".join(frames)):
+                raise RuntimeError("the transport refused a batch that fits its bound")
+            self.stats.events_sent += events
+            if transport.unsent_bytes:
+                break
+        assert not outbox or transport.unsent_bytes, "the drain invariant"
+
+    def _sending(self, now: float) -> None:
+        """A send with nothing waiting starts the stall clock afresh."""
+        if not self.transport.unsent_bytes:
+            self._progress_at = now
+
+    def _queue(self) -> Outbox:
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = Outbox(self.limits.outbox, wrap=self._wrap)
+        return outbox
+
+    def _pushed(self, result: PushResult, now: float) -> bool:
+        if result is PushResult.RESYNCED:
+            self.stats.outbox_overflows += 1
+            self.stats.resyncs[ResyncReason.OVERFLOW] += 1
+        elif result is PushResult.HOPELESS:
+            return False
+        return not self.stalled(now)

@@ -1,8 +1,10 @@
 """Wire protocol v1: client messages in, server frames out (JSON text frames).
 
-Decoding never raises on a peer's input: junk becomes a `BadMessage` value
-that carries the message's `ref` when one could be read. Rules the design
-leaves open, decided here:
+Codes (close, error, resync, unsubscribe reasons) live in `relay.core.codes`.
+The size of a client frame is bounded once, by the WebSocket layer (1009), so
+decoding never sees an oversized frame. Decoding never raises on a peer's
+input: junk becomes a `BadMessage` value that carries the message's `ref` when
+one could be read. Rules the design leaves open, decided here:
 
 - `ref` must be a non-empty string of at most MAX_REF_CHARS characters;
   numbers are rejected ("ref must be a string"), so replies always echo a
@@ -29,14 +31,11 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from enum import IntEnum, StrEnum
 from json.encoder import encode_basestring_ascii as _q
-from typing import Literal
 
-from relay.core.cursor import ResyncReason
+from relay.core.codes import ErrorCode, ResyncReason, UnsubscribeReason
 
 __all__ = [
-    "MAX_CLIENT_FRAME_BYTES",
     "MAX_COALESCE_MS",
     "MAX_EVENT_TYPES",
     "MAX_EVENT_TYPE_CHARS",
@@ -45,13 +44,10 @@ __all__ = [
     "Auth",
     "BadMessage",
     "ClientMessage",
-    "CloseCode",
-    "ErrorCode",
     "EventRow",
     "Ping",
     "Subscribe",
     "Unsubscribe",
-    "UnsubscribeReason",
     "decode_client_message",
     "encode_error",
     "encode_event",
@@ -62,9 +58,6 @@ __all__ = [
     "encode_unsubscribed",
     "is_valid_event_glob",
 ]
-
-MAX_CLIENT_FRAME_BYTES = 32 * 1024
-"""Largest client text frame; bigger ones close the connection with 1009."""
 
 MAX_TOKEN_CHARS = 16 * 1024
 """Longest accepted JWT."""
@@ -80,33 +73,6 @@ MAX_EVENT_TYPE_CHARS = 128
 
 MAX_COALESCE_MS = 10_000
 """Largest accepted `coalesce_ms`."""
-
-
-class CloseCode(IntEnum):
-    """WebSocket close codes the server uses; each tells the client what to do."""
-
-    NORMAL = 1000
-    FRAME_TOO_BIG = 1009
-    SERVER_RESTARTING = 1012
-    TRY_AGAIN_LATER = 1013
-    TOKEN_INVALID = 4001
-    AUTH_TIMEOUT = 4002
-    TOO_SLOW = 4008
-    TOO_MANY_BAD_FRAMES = 4029
-
-
-class ErrorCode(StrEnum):
-    """`code` of an `error` frame: per-request failures; the connection stays."""
-
-    BAD_REQUEST = "bad_request"
-    UNAUTHORIZED = "unauthorized"
-    FORBIDDEN = "forbidden"
-    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
-    RATE_LIMITED = "rate_limited"
-    INTERNAL = "internal"
-
-
-UnsubscribeReason = Literal["requested", "forbidden"]
 
 
 # -- client messages ---------------------------------------------------------
@@ -186,8 +152,6 @@ def _reject_constant(name: str) -> object:
 
 def decode_client_message(text: str) -> ClientMessage | BadMessage:
     """Decode one client text frame. Never raises on any `str`."""
-    if len(text) > MAX_CLIENT_FRAME_BYTES:
-        return BadMessage(None, "frame too large")
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except _Invalid as exc:
@@ -347,9 +311,10 @@ def encode_resync(org: uuid.UUID, reason: ResyncReason, cursor: str) -> bytes:
 
 def encode_unsubscribed(ref: str, org: uuid.UUID, reason: UnsubscribeReason) -> bytes:
     """An `unsubscribed` frame."""
-    if reason not in ("requested", "forbidden"):
-        raise ValueError(f"unknown unsubscribe reason {reason!r}")
-    return _frame(f'{{"type":"unsubscribed","ref":{_q(ref)},"org":"{org}","reason":"{reason}"}}')
+    return _frame(
+        f'{{"type":"unsubscribed","ref":{_q(ref)},"org":"{org}",'
+        f'"reason":"{UnsubscribeReason(reason).value}"}}'
+    )
 
 
 def encode_pong(ref: str) -> bytes:

@@ -1,12 +1,17 @@
 """Per-connection state machine. Everything that affects it lives here.
 
-The shell feeds inputs (`received_text`, `token_verified`, `subscribe_result`,
-`tick`, ...) and carries out the returned actions in order. The session never
-raises on a peer's input; it raises RuntimeError only when the shell misuses
-it (e.g. a `token_verified` nobody asked for).
+The shell feeds inputs (`received_text`, `token_verified`, `catch_up_read`,
+`live_row`, `output_drained`, `tick`, ...) and carries out the returned
+actions in order. Frames leave through the connection's `Output`, which the
+session owns: the session decides what is sent and when (catch-up pacing,
+the stall deadline), the output how (directly, or through the bounded
+outbox). The session never raises on a peer's input; it raises RuntimeError
+only when the shell misuses it (e.g. a `token_verified` nobody asked for).
 
 States: AWAITING_AUTH -> READY -> CLOSED (CLOSED is final; every input is then
-ignored and returns no actions). Rules the design leaves open, decided here:
+ignored and returns no actions). Each subscription has its own life
+(`relay.core.subscription`: pending -> catching_up -> live). Rules the design
+leaves open, decided here:
 
 - Before `ready`, only `auth` is accepted (or a bearer token from the upgrade,
   `received_bearer`). Anything else gets an `error` (unauthorized, or
@@ -17,22 +22,31 @@ ignored and returns no actions). Rules the design leaves open, decided here:
 - A rejected token closes with 4001, first or refresh alike. A refresh with
   a different `sub` closes with 4001. Each successful auth (refresh too)
   answers `ready` with the new `expires_at`; a refresh also rechecks every
-  live subscription. `token_verified`/`token_rejected` answer VerifyToken
+  subscription. `token_verified`/`token_rejected` answer VerifyToken
   requests in the order they were made.
 - `subscribe` for an org already subscribed (or pending) replaces it: the old
-  one stops (DropSubscription), the new one is authorized from scratch; its
+  one stops, the new one starts from scratch with the cursor it carries; its
   slot is reused, so replacing never hits too_many_subscriptions. A pending
-  authorization counts toward the limit.
+  subscription counts toward the limit.
+- A subscription follows its org (`Follow`) *before* its first read takes the
+  catch-up snapshot, so no live row can fall between the two.
 - `unsubscribe` always answers `unsubscribed` (reason requested), also when
   nothing was subscribed: the client's goal holds either way.
 - Rate limit: a token bucket over all frames; a frame over the limit is not
   processed and gets `rate_limited`. Bad and rate-limited frames in a row
   are counted; the `max_consecutive_bad_frames`-th closes with 4029 instead
   of answering. Any processed valid frame resets the count.
-- A recheck that comes back forbidden drops the subscription and sends
-  `unsubscribed` (reason forbidden) carrying the subscribe's `ref`. A recheck
-  that could not run changes nothing; the next one decides.
-- Expiry: close 4001 once `now >= expires_at + token_leeway_s`.
+- A recheck (or a later catch-up page) that finds the org forbidden drops the
+  subscription: `unsubscribed` (reason forbidden) carrying the subscribe's
+  `ref` (an `error` forbidden if nothing was sent for it yet). A recheck that
+  could not run changes nothing; the next one decides.
+- Deadlines, all served by `tick(now)`: auth timeout (4002), expiry at
+  `exp + token_leeway_s` (4001), the periodic recheck, coalescing windows,
+  and the output's stall deadline (4008: frames waited with no progress).
+  The session asks for a tick with `ScheduleTick` whenever its next deadline
+  moves earlier than the one it asked for.
+- Catch-up is paced by the output: rows go out and pages are read only while
+  the output has room; `output_drained` resumes them.
 """
 
 from __future__ import annotations
@@ -40,18 +54,19 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
+from relay.core.codes import CloseCode, ErrorCode, UnsubscribeReason
+from relay.core.cursor import Snapshot, decode_cursor
+from relay.core.outbox import Output
 from relay.core.protocol import (
-    MAX_CLIENT_FRAME_BYTES,
     Auth,
     BadMessage,
     ClientMessage,
-    CloseCode,
-    ErrorCode,
+    EventRow,
     Ping,
     Subscribe,
     Unsubscribe,
@@ -62,19 +77,20 @@ from relay.core.protocol import (
     encode_unsubscribed,
 )
 from relay.core.ratelimit import TokenBucket
+from relay.core.subscription import CatchUpLimits, CatchUpPage, CatchUpQuery, Phase, Subscription
 
 __all__ = [
     "Action",
-    "AuthorizeSubscription",
     "ClaimsJson",
     "Close",
-    "DropSubscription",
+    "Follow",
+    "ReadCatchUp",
     "RecheckSubscriptions",
-    "Send",
+    "ScheduleTick",
     "Session",
     "SessionLimits",
     "SessionState",
-    "StartSubscription",
+    "Unfollow",
     "VerifyToken",
     "claims_json",
 ]
@@ -92,7 +108,7 @@ class SessionLimits:
     token_leeway_s: float = 30.0
     """Clock-skew allowance after `exp` before closing with 4001."""
     recheck_interval_s: float = 60.0
-    """How often live subscriptions are re-authorized."""
+    """How often subscriptions are re-authorized."""
     max_subscriptions: int = 100
     """Subscriptions (live or pending) per connection."""
     rate_per_s: float = 20.0
@@ -101,10 +117,10 @@ class SessionLimits:
     """Client frames allowed at once."""
     max_consecutive_bad_frames: int = 10
     """Bad or rate-limited frames in a row before closing with 4029."""
-    max_frame_bytes: int = MAX_CLIENT_FRAME_BYTES
-    """Largest client frame; bigger closes with 1009."""
     max_deferred_frames: int = 16
     """Frames held while the first token is verified."""
+    catch_up: CatchUpLimits = field(default_factory=CatchUpLimits)
+    """Bounds of each subscription's catch-up."""
 
 
 class SessionState(Enum):
@@ -116,14 +132,6 @@ class SessionState(Enum):
 
 
 # -- actions for the shell ---------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send one text frame."""
-
-    data: bytes
-    """The encoded frame (UTF-8 JSON)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,72 +157,59 @@ class VerifyToken:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class AuthorizeSubscription:
-    """Ask SQL whether the claims may read `org` (and prepare the catch-up),
-    then call `subscribe_result(this, allowed)` or `subscribe_failed(this)`."""
+class ReadCatchUp:
+    """Run `query` in SQL under `claims`, then call `catch_up_read` with the
+    page, or `catch_up_failed` when the read could not run."""
 
-    request_id: int
-    """Unique within the session; tells a current answer from a stale one."""
-    ref: str
-    """The subscribe's `ref`, for the `subscribed` frame."""
-    org: uuid.UUID
-    """The organization asked for."""
-    cursor: str | None
-    """The client's resume cursor, for `plan_resume`."""
-    event_types: tuple[str, ...] | None
-    """Event-type globs; None means all."""
-    coalesce_ms: int | None
-    """Coalescing window; None means off."""
+    subscription: Subscription
+    """Whose read it is (pass it back with the answer)."""
+    query: CatchUpQuery
+    """What to read."""
     claims: Mapping[str, object]
-    """Verified JWT claims, for `request.jwt.claims`."""
-
-
-@dataclass(frozen=True, slots=True)
-class StartSubscription:
-    """Authorized and still wanted: send catch-up events, then `subscribed`
-    (or `resync`), then register for live delivery."""
-
-    request: AuthorizeSubscription
-    """The request that was authorized."""
+    """Verified claims, for `request.jwt.claims`."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class RecheckSubscriptions:
-    """Re-ask SQL for each org, then call `recheck_result(org, allowed)`."""
+    """Ask SQL which of `orgs` the claims may still read, then call
+    `recheck_result(orgs, allowed)`."""
 
     orgs: tuple[uuid.UUID, ...]
-    """Live subscriptions to recheck."""
+    """Subscriptions to recheck."""
     claims: Mapping[str, object]
     """Current verified claims."""
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Follow:
+    """Index `subscription` for live rows of `org` (replacing this connection's
+    previous one for `org`): the fan-out then calls `live_row` with it."""
+
+    org: uuid.UUID
+    """The organization."""
+    subscription: Subscription
+    """Passed back with each live row."""
+
+
 @dataclass(frozen=True, slots=True)
-class DropSubscription:
-    """Stop live delivery for `org` (unregister it, discard pending events)."""
+class Unfollow:
+    """Stop live rows of `org` for this connection."""
 
     org: uuid.UUID
     """The organization no longer followed."""
 
 
-Action = (
-    Send
-    | Close
-    | VerifyToken
-    | AuthorizeSubscription
-    | StartSubscription
-    | RecheckSubscriptions
-    | DropSubscription
-)
+@dataclass(frozen=True, slots=True)
+class ScheduleTick:
+    """Call `tick` at `at` (or soon after); an earlier request may be dropped."""
+
+    at: float
+    """When, on the clock the session is given."""
 
 
-class _Sub:
-    __slots__ = ("active", "request")
+Action = Close | VerifyToken | ReadCatchUp | RecheckSubscriptions | Follow | Unfollow | ScheduleTick
 
-    def __init__(self, request: AuthorizeSubscription) -> None:
-        self.request = request
-        self.active = False
-
-
+_NONE: Final[tuple[Action, ...]] = ()
 _DEFERRED_BINARY = BadMessage(None, "binary frames are not supported")
 
 
@@ -271,18 +266,23 @@ class Session:
         "_bucket",
         "_deferred",
         "_next_recheck",
-        "_request_ids",
+        "_scheduled",
         "_subs",
         "_verifying",
         "claims",
         "connection_id",
         "expires_at",
         "limits",
+        "output",
         "state",
     )
 
-    def __init__(self, connection_id: str, now: float, limits: SessionLimits | None = None) -> None:
+    def __init__(
+        self, connection_id: str, now: float, output: Output, limits: SessionLimits | None = None
+    ) -> None:
         self.connection_id = connection_id
+        self.output = output
+        """Where every frame of this connection goes."""
         self.limits = limits or SessionLimits()
         self.state = SessionState.AWAITING_AUTH
         self.claims: Mapping[str, object] = _NO_CLAIMS
@@ -294,10 +294,16 @@ class Session:
         """Frames held while the first token is verified (None when none)."""
         self._bucket = TokenBucket(self.limits.rate_per_s, self.limits.rate_burst, now)
         self._bad_streak = 0
-        self._subs: dict[uuid.UUID, _Sub] = {}
-        self._request_ids = 0
+        self._subs: dict[uuid.UUID, Subscription] = {}
+        self._scheduled: float | None = None
+        """The tick asked for (ScheduleTick), if any."""
 
     # -- read-only views --
+
+    @property
+    def closed(self) -> bool:
+        """Whether the session ended (every input is now ignored)."""
+        return self.state is SessionState.CLOSED
 
     @property
     def subject(self) -> object:
@@ -306,20 +312,33 @@ class Session:
 
     @property
     def subscription_count(self) -> int:
-        """Live plus pending subscriptions."""
+        """Subscriptions in any phase."""
         return len(self._subs)
 
-    def active_orgs(self) -> list[uuid.UUID]:
-        """Orgs with a live (authorized) subscription."""
-        return [org for org, sub in self._subs.items() if sub.active]
+    def subscription(self, org: uuid.UUID) -> Subscription | None:
+        """The subscription to `org`, if any."""
+        return self._subs.get(org)
 
     def next_deadline(self) -> float | None:
         """When `tick` next has something to do (None once closed)."""
+        if self.state is SessionState.CLOSED:
+            return None
         if self.state is SessionState.AWAITING_AUTH:
             return self._auth_deadline
-        if self.state is SessionState.READY:
-            return min(self.expires_at + self.limits.token_leeway_s, self._next_recheck)
-        return None
+        deadline = min(self.expires_at + self.limits.token_leeway_s, self._next_recheck)
+        for sub in self._subs.values():
+            if sub.coalescer is not None:
+                due = sub.next_deadline()
+                if due is not None and due < deadline:
+                    deadline = due
+        stall = self.output.stall_deadline()
+        if stall is not None and stall < deadline:
+            deadline = stall
+        return deadline
+
+    def start(self, now: float) -> list[Action]:
+        """The connection is open: ask for the first tick (the auth deadline)."""
+        return self._schedule([])
 
     # -- inputs from the peer --
 
@@ -330,26 +349,21 @@ class Session:
         return self._dispatch(Auth(token), now)
 
     def received_text(self, text: str, now: float) -> list[Action]:
-        """One client text frame."""
+        """One client text frame (its size was bounded by the WebSocket layer)."""
         if self.state is SessionState.CLOSED:
             return []
-        if len(text) > self.limits.max_frame_bytes or (
-            4 * len(text) > self.limits.max_frame_bytes
-            and len(text.encode("utf-8", "surrogatepass")) > self.limits.max_frame_bytes
-        ):
-            return self._close(CloseCode.FRAME_TOO_BIG, "frame too big")
-        return self._received(decode_client_message(text), now)
+        return self._schedule(self._received(decode_client_message(text), now))
 
     def received_binary(self, now: float) -> list[Action]:
         """One client binary frame (not part of the protocol)."""
         if self.state is SessionState.CLOSED:
             return []
-        return self._received(_DEFERRED_BINARY, now)
+        return self._schedule(self._received(_DEFERRED_BINARY, now))
 
     def _received(self, message: ClientMessage | BadMessage, now: float) -> list[Action]:
         if not self._bucket.take(now):
             ref = getattr(message, "ref", None)
-            return self._bad(ref, ErrorCode.RATE_LIMITED, "too many frames; slow down")
+            return self._bad(ref, ErrorCode.RATE_LIMITED, "too many frames; slow down", now)
         if self.state is SessionState.AWAITING_AUTH and self._verifying:
             if self._deferred is None:
                 self._deferred = []
@@ -368,65 +382,64 @@ class Session:
                 error = encode_error(message.ref, ErrorCode.BAD_REQUEST, message.message)
             else:
                 error = encode_error(message.ref, ErrorCode.UNAUTHORIZED, "send auth first")
-            return [Send(error), *self._close(CloseCode.AUTH_TIMEOUT, "authenticate first")]
+            self._send(error, now)
+            return self._close(CloseCode.AUTH_TIMEOUT, "authenticate first")
         if self.state is SessionState.CLOSED:
             return []
         if isinstance(message, BadMessage):
-            return self._bad(message.ref, ErrorCode.BAD_REQUEST, message.message)
+            return self._bad(message.ref, ErrorCode.BAD_REQUEST, message.message, now)
         self._bad_streak = 0
         if isinstance(message, Auth):
             self._verifying += 1
             return [VerifyToken(message.token)]
         if isinstance(message, Subscribe):
-            return self._subscribe(message)
+            return self._subscribe(message, now)
         if isinstance(message, Unsubscribe):
-            return self._unsubscribe(message)
+            return self._unsubscribe(message, now)
         if isinstance(message, Ping):
-            return [Send(encode_pong(message.ref))]
+            return self._send(encode_pong(message.ref), now)
         raise AssertionError(f"unhandled message {message!r}")  # pragma: no cover
 
-    def _bad(self, ref: str | None, code: ErrorCode, message: str) -> list[Action]:
+    def _bad(self, ref: str | None, code: ErrorCode, message: str, now: float) -> list[Action]:
         self._bad_streak += 1
         if self._bad_streak >= self.limits.max_consecutive_bad_frames:
             return self._close(CloseCode.TOO_MANY_BAD_FRAMES, "too many bad frames")
-        return [Send(encode_error(ref, code, message))]
+        return self._send(encode_error(ref, code, message), now)
 
-    def _subscribe(self, message: Subscribe) -> list[Action]:
-        previous = self._subs.get(message.org)
-        if previous is None and len(self._subs) >= self.limits.max_subscriptions:
-            return [
-                Send(
-                    encode_error(
-                        message.ref,
-                        ErrorCode.TOO_MANY_SUBSCRIPTIONS,
-                        f"at most {self.limits.max_subscriptions} subscriptions per connection",
-                    )
-                )
-            ]
-        actions: list[Action] = []
-        if previous is not None and previous.active:
-            actions.append(DropSubscription(message.org))
-        self._request_ids += 1
-        request = AuthorizeSubscription(
-            request_id=self._request_ids,
-            ref=message.ref,
-            org=message.org,
-            cursor=message.cursor,
+    def _subscribe(self, message: Subscribe, now: float) -> list[Action]:
+        if message.org not in self._subs and len(self._subs) >= self.limits.max_subscriptions:
+            return self._send(
+                encode_error(
+                    message.ref,
+                    ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                    f"at most {self.limits.max_subscriptions} subscriptions per connection",
+                ),
+                now,
+            )
+        sub = Subscription(
+            message.ref,
+            message.org,
+            None if message.cursor is None else decode_cursor(message.cursor),
             event_types=message.event_types,
             coalesce_ms=message.coalesce_ms,
-            claims=self.claims,
+            limits=self.limits.catch_up,
         )
-        self._subs[message.org] = _Sub(request)
-        actions.append(request)
+        self._subs[message.org] = sub
+        # Follow first: the first read's snapshot is taken after it.
+        return [Follow(message.org, sub), ReadCatchUp(sub, sub.first_read(), self.claims)]
+
+    def _unsubscribe(self, message: Unsubscribe, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if self._subs.pop(message.org, None) is not None:
+            actions.append(Unfollow(message.org))
+        self._send(encode_unsubscribed(message.ref, message.org, UnsubscribeReason.REQUESTED), now)
         return actions
 
-    def _unsubscribe(self, message: Unsubscribe) -> list[Action]:
-        sub = self._subs.pop(message.org, None)
-        actions: list[Action] = []
-        if sub is not None and sub.active:
-            actions.append(DropSubscription(message.org))
-        actions.append(Send(encode_unsubscribed(message.ref, message.org, "requested")))
-        return actions
+    def _send(self, message: bytes, now: float) -> list[Action]:
+        """Send a control frame; [] or the close a hopeless client gets."""
+        if self.output.control(message, now):
+            return []
+        return self._too_slow()
 
     # -- answers from the shell --
 
@@ -438,17 +451,15 @@ class Session:
             return []
         self._answered_verification()
         if self.state is SessionState.READY and claims.get("sub") != self.subject:
-            return [
-                Send(encode_error(None, ErrorCode.UNAUTHORIZED, "token subject changed")),
-                *self._close(CloseCode.TOKEN_INVALID, "token subject changed"),
-            ]
+            self._send(encode_error(None, ErrorCode.UNAUTHORIZED, "token subject changed"), now)
+            return self._close(CloseCode.TOKEN_INVALID, "token subject changed")
         first = self.state is SessionState.AWAITING_AUTH
         self.state = SessionState.READY
         self.claims = claims
         self.expires_at = expires_at
         if now >= expires_at + self.limits.token_leeway_s:
             return self._close(CloseCode.TOKEN_INVALID, "token expired")
-        actions: list[Action] = [Send(encode_ready(self.connection_id, expires_at))]
+        actions = self._send(encode_ready(self.connection_id, expires_at), now)
         self._next_recheck = now + self.limits.recheck_interval_s
         if first:
             deferred, self._deferred = self._deferred or (), None
@@ -458,87 +469,157 @@ class Session:
                 actions += self._dispatch(message, now)
         else:
             actions += self._recheck()
-        return actions
+        return self._schedule(actions)
 
     def token_rejected(self, message: str, now: float) -> list[Action]:
         """The oldest outstanding VerifyToken failed; `message` goes to the client."""
         if self.state is SessionState.CLOSED:
             return []
         self._answered_verification()
-        return [
-            Send(encode_error(None, ErrorCode.UNAUTHORIZED, message)),
-            *self._close(CloseCode.TOKEN_INVALID, "token rejected"),
-        ]
+        self._send(encode_error(None, ErrorCode.UNAUTHORIZED, message), now)
+        return self._close(CloseCode.TOKEN_INVALID, "token rejected")
 
     def _answered_verification(self) -> None:
         if not self._verifying:
             raise RuntimeError("token verification answered but none was requested")
         self._verifying -= 1
 
-    def subscribe_result(self, request: AuthorizeSubscription, allowed: bool) -> list[Action]:
-        """SQL answered an AuthorizeSubscription. Stale answers return []."""
-        sub = self._current(request)
-        if sub is None:
+    def catch_up_read(
+        self, sub: Subscription, query: CatchUpQuery, page: CatchUpPage, now: float
+    ) -> list[Action]:
+        """SQL answered a ReadCatchUp. Stale answers (the subscription was
+        replaced, dropped, or restarted since) return []."""
+        if not self._current(sub, query):
             return []
-        if allowed:
-            sub.active = True
-            return [StartSubscription(request)]
-        del self._subs[request.org]
-        return [Send(encode_error(request.ref, ErrorCode.FORBIDDEN, "not a member of this org"))]
+        if not page.allowed:
+            return self._drop(sub, sub.refused(), now)
+        actions: list[Action] = []
+        follow_up = sub.read_done(query, page, self.output, now)
+        if follow_up is not None:
+            actions.append(ReadCatchUp(sub, follow_up, self.claims))
+        return self._schedule(actions + self._pump(now))
 
-    def subscribe_failed(self, request: AuthorizeSubscription) -> list[Action]:
-        """An AuthorizeSubscription could not be answered (database error)."""
-        sub = self._current(request)
-        if sub is None:
+    def catch_up_failed(self, sub: Subscription, query: CatchUpQuery, now: float) -> list[Action]:
+        """A ReadCatchUp could not run (database error): the subscription ends with
+        an `error` (internal); the client may subscribe again with its cursor."""
+        if not self._current(sub, query):
             return []
-        del self._subs[request.org]
-        return [
-            Send(encode_error(request.ref, ErrorCode.INTERNAL, "could not subscribe; retry later"))
-        ]
+        sub.read_failed(query)
+        error = encode_error(sub.ref, ErrorCode.INTERNAL, "could not subscribe; retry later")
+        return self._drop(sub, error, now)
 
-    def _current(self, request: AuthorizeSubscription) -> _Sub | None:
+    def _current(self, sub: Subscription, query: CatchUpQuery) -> bool:
+        return (
+            self.state is not SessionState.CLOSED
+            and self._subs.get(sub.org) is sub
+            and sub.answers(query)
+        )
+
+    def _drop(self, sub: Subscription, frame: bytes, now: float) -> list[Action]:
+        del self._subs[sub.org]
+        return self._schedule([Unfollow(sub.org), *self._send(frame, now)])
+
+    def recheck_result(
+        self, orgs: tuple[uuid.UUID, ...], allowed: set[uuid.UUID], now: float
+    ) -> list[Action]:
+        """SQL answered a recheck of `orgs`; those not `allowed` are dropped."""
         if self.state is SessionState.CLOSED:
-            return None
-        sub = self._subs.get(request.org)
-        if sub is None or sub.active or sub.request.request_id != request.request_id:
-            return None
-        return sub
+            return []
+        actions: list[Action] = []
+        for org in orgs:
+            sub = self._subs.get(org)
+            if org in allowed or sub is None or sub.phase is Phase.PENDING:
+                continue
+            actions += self._drop(sub, sub.refused(), now)
+            if self.closed:
+                break
+        return actions
 
-    def recheck_result(self, org: uuid.UUID, allowed: bool) -> list[Action]:
-        """SQL answered a recheck for `org`; forbidden drops the subscription."""
-        if self.state is SessionState.CLOSED or allowed:
+    # -- the fan-out and the socket --
+
+    def live_row(
+        self, sub: Subscription, row: EventRow, cursor: str, frame: bytes, now: float
+    ) -> tuple[Action, ...] | list[Action]:
+        """A live row for `sub` (Follow'ed). The fan-out's path: usually no action."""
+        if self.state is SessionState.CLOSED:
+            return _NONE
+        if not sub.live(row, cursor, frame, self.output, now):
+            return self._too_slow()
+        if sub.coalescer is not None or self.output.transport.unsent_bytes:
+            return self._schedule([])  # a coalescing window or the stall clock may start
+        return _NONE
+
+    def output_drained(self, now: float) -> list[Action]:
+        """The socket took most of what waited: move queued frames on, and let
+        catch-ups continue."""
+        if self.state is SessionState.CLOSED:
             return []
-        sub = self._subs.get(org)
-        if sub is None or not sub.active:
+        self.output.drained(now)
+        return self._schedule(self._pump(now))
+
+    def _pump(self, now: float) -> list[Action]:
+        """Let each subscription send what it owes while the output has room."""
+        actions: list[Action] = []
+        output = self.output
+        for sub in list(self._subs.values()):
+            if self.closed:
+                break
+            ok, query = sub.pump(output, now)
+            if query is not None:
+                actions.append(ReadCatchUp(sub, query, self.claims))
+            if not ok:
+                return self._too_slow()
+        return actions
+
+    def database_changed(self, epoch: str, head: Snapshot, now: float) -> list[Action]:
+        """The tail found another database (restored, failed over): every
+        subscription past its first read resyncs at the tail's position."""
+        if self.state is SessionState.CLOSED:
             return []
-        del self._subs[org]
-        return [
-            DropSubscription(org),
-            Send(encode_unsubscribed(sub.request.ref, org, "forbidden")),
-        ]
+        for sub in self._subs.values():
+            sub.database_changed(epoch, head, self.output, now)
+        return self._schedule(self._pump(now))
 
     # -- time and lifecycle --
 
     def tick(self, now: float) -> list[Action]:
-        """Deadlines: auth timeout, token expiry, periodic recheck."""
+        """Deadlines: auth timeout, token expiry, recheck, coalescing windows, stall."""
+        self._scheduled = None
         if self.state is SessionState.AWAITING_AUTH:
             if now >= self._auth_deadline:
                 return self._close(CloseCode.AUTH_TIMEOUT, "no auth in time")
+            return self._schedule([])
+        if self.state is not SessionState.READY:
             return []
-        if self.state is SessionState.READY:
-            if now >= self.expires_at + self.limits.token_leeway_s:
-                return self._close(CloseCode.TOKEN_INVALID, "token expired")
-            if now >= self._next_recheck:
-                self._next_recheck = now + self.limits.recheck_interval_s
-                return self._recheck()
-        return []
+        if now >= self.expires_at + self.limits.token_leeway_s:
+            return self._close(CloseCode.TOKEN_INVALID, "token expired")
+        if self.output.stalled(now):
+            return self._too_slow()
+        actions: list[Action] = []
+        if now >= self._next_recheck:
+            self._next_recheck = now + self.limits.recheck_interval_s
+            actions += self._recheck()
+        for sub in self._subs.values():
+            if not sub.flush_due(self.output, now):
+                return self._too_slow()
+        return self._schedule(actions)
 
     def _recheck(self) -> list[Action]:
-        orgs = tuple(self.active_orgs())
+        orgs = tuple(org for org, sub in self._subs.items() if sub.phase is not Phase.PENDING)
         return [RecheckSubscriptions(orgs, self.claims)] if orgs else []
 
+    def _schedule(self, actions: list[Action]) -> list[Action]:
+        """Append a ScheduleTick when the next deadline moved earlier than asked."""
+        if self.state is SessionState.CLOSED:
+            return actions
+        deadline = self.next_deadline()
+        if deadline is not None and (self._scheduled is None or deadline < self._scheduled):
+            self._scheduled = deadline
+            actions.append(ScheduleTick(deadline))
+        return actions
+
     def close(self, code: CloseCode, reason: str) -> list[Action]:
-        """The server closes (e.g. 1012 on shutdown, 4008 for a slow client)."""
+        """The server closes (e.g. 1012 on shutdown)."""
         if self.state is SessionState.CLOSED:
             return []
         return self._close(code, reason)
@@ -546,6 +627,13 @@ class Session:
     def connection_lost(self) -> None:
         """The peer went away; nothing more will be sent."""
         self.state = SessionState.CLOSED
+        self._subs.clear()
+
+    def _too_slow(self) -> list[Action]:
+        if self.state is SessionState.CLOSED:
+            return []
+        self.output.stats.slow_closes += 1
+        return self._close(CloseCode.TOO_SLOW, "too slow to keep up")
 
     def _close(self, code: CloseCode, reason: str) -> list[Action]:
         self.state = SessionState.CLOSED

@@ -31,7 +31,8 @@ from typing import Any, Final
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
 
-from relay.core.protocol import MAX_EVENT_TYPE_CHARS, CloseCode, ErrorCode, is_valid_event_glob
+from relay.core.codes import CloseCode, ErrorCode
+from relay.core.protocol import MAX_EVENT_TYPE_CHARS, is_valid_event_glob
 from relay.errors import ConfigError
 from relay.tools import token as token_tool
 from relay.tools.common import (
@@ -62,7 +63,7 @@ CONNECT_TIMEOUT_S: Final = 10.0
 MAX_SERVER_FRAME_BYTES: Final = 1024 * 1024
 
 _CLOSE_MEANING: Final[Mapping[int, str]] = {
-    CloseCode.FRAME_TOO_BIG: "a frame was too big for the server",
+    CloseCode.MESSAGE_TOO_BIG: "a frame was too big for the server",
     CloseCode.TOKEN_INVALID: "token invalid or expired",
     CloseCode.AUTH_TIMEOUT: "no auth in time",
     CloseCode.TOO_MANY_BAD_FRAMES: "too many bad frames",
@@ -285,7 +286,7 @@ class TailSession:
     def closed(self, code: int | None, reason: str | None) -> CloseDecision:
         """The connection closed with `code` (None: lost without a close frame)."""
         said = f"{code}" + (f" {reason}" if reason else "") if code is not None else "lost"
-        if code == CloseCode.SERVER_RESTARTING:
+        if code == CloseCode.SERVICE_RESTART:
             return CloseDecision(f"server restarting ({said})", restart=True)
         if code == CloseCode.TOKEN_INVALID:
             if self.can_mint and not self._minted_again:

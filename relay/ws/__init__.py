@@ -7,8 +7,9 @@ handshake (one path, an Origin allow-list, no extensions) and one handler per
 connection. Limits live in `WsLimits`.
 """
 
+from relay.core.codes import CloseCode
 from relay.ws.connection import Handler, SendResult, WsConnection, WsState
-from relay.ws.frames import CloseCode, encode_binary_frame, encode_close_frame, encode_text_frame
+from relay.ws.frames import encode_binary_frame, encode_close_frame, encode_text_frame
 from relay.ws.handshake import WsReject, WsRequest
 from relay.ws.limits import WsLimits
 from relay.ws.server import RequestHook, WsServer

@@ -7,7 +7,7 @@ goes to a bounded pending buffer, and a writer task (the only task that waits
 for writability) sends everything pending in one `send()` when the socket
 drains. The writer exists only while bytes are pending or a close is under
 way: an idle connection has no writer task. A frame that would push the
-pending bytes over `max_pending_bytes` is refused (`SendResult.OVERFLOW`), so
+pending bytes over `max_unsent_bytes` is refused (`SendResult.OVERFLOW`), so
 the caller decides what to do with a slow client. A reset peer marks the connection closed;
 nothing ever raises into the caller.
 
@@ -46,7 +46,8 @@ import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
-from relay.ws.frames import CloseCode, encode_binary_frame, encode_text_frame
+from relay.core.codes import UNSENDABLE_CLOSE_CODES, CloseCode
+from relay.ws.frames import encode_binary_frame, encode_text_frame
 from relay.ws.handshake import WsRequest
 from relay.ws.limits import WsLimits
 from relay.ws.sockets import SEND_FLAGS, close_socket, recv_some
@@ -79,7 +80,7 @@ class SendResult(Enum):
     QUEUED = "queued"
     """Accepted; some bytes wait in the pending buffer for the writer task."""
     OVERFLOW = "overflow"
-    """Refused, nothing sent: pending bytes would exceed `max_pending_bytes`."""
+    """Refused, nothing sent: pending bytes would exceed `max_unsent_bytes`."""
     CLOSED = "closed"
     """Refused: the connection is closing or closed."""
 
@@ -94,11 +95,10 @@ class _Step(Enum):
 
 
 _NEED_DATA: Final = _Step.NEED_DATA
-_UNSENDABLE_CODES = frozenset({CloseCode.NO_STATUS, CloseCode.ABNORMAL, 1015})
 
 
 def _check_close_code(code: int) -> None:
-    if not 1000 <= code <= 4999 or code in _UNSENDABLE_CODES:
+    if not 1000 <= code <= 4999 or code in UNSENDABLE_CLOSE_CODES:
         raise ValueError(f"close code {code} cannot be sent")
 
 
@@ -237,8 +237,10 @@ class WsConnection:
         return self._state
 
     @property
-    def pending_bytes(self) -> int:
-        """Bytes accepted but not yet taken by the kernel."""
+    def unsent_bytes(self) -> int:
+        """Bytes accepted but not yet taken by the kernel. While above 0, a writer
+        task runs and calls the drain callback once at most
+        `drain_low_water_bytes` are left."""
         return len(self._pending)
 
     @property
@@ -262,30 +264,35 @@ class WsConnection:
         if self._state is not WsState.OPEN:
             return SendResult.CLOSED
         pending = self._pending
-        if len(pending) + len(frame) > self._limits.max_pending_bytes:
+        if len(pending) + len(frame) > self._limits.max_unsent_bytes:
             return SendResult.OVERFLOW
         if pending:
             pending += frame
             return SendResult.QUEUED
         return self._send_now(frame)
 
+    def send_nowait(self, frame: bytes) -> bool:
+        """`send_frame_nowait` for `relay.core.outbox.Transport`: False only when
+        the frame was refused (OVERFLOW); a closed connection takes and drops."""
+        return self.send_frame_nowait(frame) is not SendResult.OVERFLOW
+
     async def send_message(self, message: str | bytes) -> SendResult:
         """Send a text (str) or binary (bytes) message, waiting for room.
 
         Returns SENT, QUEUED or CLOSED, never OVERFLOW. Raises ValueError
-        when the frame could never fit in `max_pending_bytes`.
+        when the frame could never fit in `max_unsent_bytes`.
         """
         if isinstance(message, str):
             frame = encode_text_frame(message.encode("utf-8"))
         else:
             frame = encode_binary_frame(message)
-        room_needed = self._limits.max_pending_bytes - len(frame)
+        room_needed = self._limits.max_unsent_bytes - len(frame)
         if room_needed < 0:
-            raise ValueError("message larger than max_pending_bytes")
-        await self.wait_pending_at_most(room_needed)
+            raise ValueError("message larger than max_unsent_bytes")
+        await self.wait_unsent_at_most(room_needed)
         return self.send_frame_nowait(frame)
 
-    async def wait_pending_at_most(self, max_bytes: int) -> None:
+    async def wait_unsent_at_most(self, max_bytes: int) -> None:
         """Return once at most `max_bytes` are pending, or the connection is not open."""
         await trio.lowlevel.checkpoint()
         while self._state is WsState.OPEN and len(self._pending) > max_bytes:
@@ -355,7 +362,7 @@ class WsConnection:
     def _send_control(self, frame: bytes, *, droppable: bool) -> None:
         """Queue a ping, pong or close frame behind pending data.
 
-        Control frames may exceed `max_pending_bytes` by their few bytes, except
+        Control frames may exceed `max_unsent_bytes` by their few bytes, except
         droppable ones (pongs), which a client flooding pings without reading
         would otherwise grow without bound.
         """
@@ -363,7 +370,7 @@ class WsConnection:
             return
         if not self._pending:
             self._send_now(frame)
-        elif not droppable or (len(self._pending) + len(frame) <= self._limits.max_pending_bytes):
+        elif not droppable or (len(self._pending) + len(frame) <= self._limits.max_unsent_bytes):
             self._pending += frame
 
     def _flush(self) -> None:

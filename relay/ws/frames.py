@@ -1,4 +1,5 @@
-"""Server frames as raw bytes (RFC 6455 section 5.2), and the RFC's close codes.
+"""Server frames as raw bytes (RFC 6455 section 5.2). Close codes are
+`relay.core.codes.CloseCode`, shared with the protocol core.
 
 Server frames are never masked, so one encoded frame is the same byte string
 for every recipient: the fan-out encodes an event once and offers the same
@@ -8,7 +9,8 @@ bytes to each connection.
 from __future__ import annotations
 
 import struct
-from enum import IntEnum
+
+from relay.core.codes import UNSENDABLE_CLOSE_CODES, CloseCode
 
 __all__ = [
     "CloseCode",
@@ -16,24 +18,6 @@ __all__ = [
     "encode_close_frame",
     "encode_text_frame",
 ]
-
-
-class CloseCode(IntEnum):
-    """Close codes of RFC 6455 section 7.4.1 that this shell sends or receives."""
-
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    PROTOCOL_ERROR = 1002
-    UNSUPPORTED_DATA = 1003
-    NO_STATUS = 1005
-    """Local only: the peer's close frame carried no code."""
-    ABNORMAL = 1006
-    """Local only: the connection dropped without a close frame."""
-    INVALID_PAYLOAD = 1007
-    POLICY_VIOLATION = 1008
-    MESSAGE_TOO_BIG = 1009
-    INTERNAL_ERROR = 1011
-    SERVICE_RESTART = 1012
 
 
 _FIN_TEXT = 0x80 | 0x1
@@ -68,7 +52,7 @@ def encode_binary_frame(payload: bytes) -> bytes:
 
 def encode_close_frame(code: int, reason: str = "") -> bytes:
     """A close frame with `code` and `reason` (cut to 123 bytes on a character boundary)."""
-    if not 1000 <= code <= 4999 or code in (CloseCode.NO_STATUS, CloseCode.ABNORMAL, 1015):
+    if not 1000 <= code <= 4999 or code in UNSENDABLE_CLOSE_CODES:
         raise ValueError(f"close code {code} cannot be sent")
     raw = reason.encode("utf-8")
     if len(raw) > _MAX_CLOSE_REASON_BYTES:

@@ -13,7 +13,7 @@ __all__ = [
     "HANDSHAKE_TIMEOUT_S",
     "MAX_HANDSHAKE_BYTES",
     "MAX_MESSAGE_BYTES",
-    "MAX_PENDING_BYTES",
+    "MAX_UNSENT_BYTES",
     "PING_INTERVAL_S",
     "PONG_TIMEOUT_S",
     "RECEIVE_CHUNK_BYTES",
@@ -23,8 +23,8 @@ __all__ = [
 
 MAX_MESSAGE_BYTES = 4096
 """Largest client message (all fragments, UTF-8 bytes) before close 1009."""
-MAX_PENDING_BYTES = 64 * 1024
-"""Most bytes a connection holds beyond what the kernel took."""
+MAX_UNSENT_BYTES = 64 * 1024
+"""Most bytes a connection keeps unsent beyond what the kernel took."""
 DRAIN_LOW_WATER_BYTES = 16 * 1024
 """The drain callback runs when a write leaves at most this many bytes pending."""
 SEND_BUFFER_BYTES = 64 * 1024
@@ -52,7 +52,7 @@ class WsLimits:
 
     max_message_bytes: int = MAX_MESSAGE_BYTES
     """Largest message accepted from a client; more closes with 1009."""
-    max_pending_bytes: int = MAX_PENDING_BYTES
+    max_unsent_bytes: int = MAX_UNSENT_BYTES
     """Most bytes queued for one client; a send that would exceed it is refused."""
     drain_low_water_bytes: int = DRAIN_LOW_WATER_BYTES
     """Pending level at or under which the drain callback runs."""
@@ -76,15 +76,15 @@ class WsLimits:
     def __post_init__(self) -> None:
         for name in (
             "max_message_bytes",
-            "max_pending_bytes",
+            "max_unsent_bytes",
             "receive_chunk_bytes",
             "max_handshake_bytes",
             "accept_backlog",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"WsLimits.{name} must be positive")
-        if not 0 <= self.drain_low_water_bytes <= self.max_pending_bytes:
-            raise ValueError("WsLimits.drain_low_water_bytes must be in [0, max_pending_bytes]")
+        if not 0 <= self.drain_low_water_bytes <= self.max_unsent_bytes:
+            raise ValueError("WsLimits.drain_low_water_bytes must be in [0, max_unsent_bytes]")
         if self.send_buffer_bytes < 0:
             raise ValueError("WsLimits.send_buffer_bytes must not be negative")
         for name in ("handshake_timeout_s", "ping_interval_s", "pong_timeout_s", "close_timeout_s"):

@@ -23,8 +23,8 @@ import h11
 import structlog
 import trio
 
+from relay.core.codes import CloseCode
 from relay.ws.connection import ConnectionGroup, Handler, WsConnection
-from relay.ws.frames import CloseCode
 from relay.ws.handshake import WsReject, WsRequest, accept_response, check_upgrade, reject_response
 from relay.ws.limits import WsLimits
 from relay.ws.sockets import (

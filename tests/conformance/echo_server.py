@@ -27,7 +27,7 @@ ECHO_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Autobahn 9.1.6 sends 16 MiB; leave room."""
 ECHO_LIMITS = WsLimits(
     max_message_bytes=ECHO_MAX_MESSAGE_BYTES,
-    max_pending_bytes=ECHO_MAX_MESSAGE_BYTES + 16,
+    max_unsent_bytes=ECHO_MAX_MESSAGE_BYTES + 16,
     drain_low_water_bytes=0,
     send_buffer_bytes=0,
     receive_chunk_bytes=64 * 1024,

@@ -482,7 +482,7 @@ async def test_a_client_that_stops_reading_is_cut_off_without_slowing_the_others
 ) -> None:  # type: ignore[no-untyped-def]
     from tests.e2e.conftest import start_relay
 
-    relay = start_relay(db, tmp_path, slow_client_timeout_s="1", max_pending_bytes="200000")
+    relay = start_relay(db, tmp_path, slow_client_timeout_s="1", max_outbox_bytes="200000")
     per_burst, bursts = 300, 12
 
     def burst() -> None:

@@ -351,27 +351,34 @@ def test_tail_query_uses_the_xid_index(db: Database) -> None:
     assert "Seq Scan" not in plan, plan
 
 
-def test_catchup_query_uses_the_org_xid_index_under_rls(db: Database) -> None:
-    from relay.reads import CATCHUP_SQL
+@pytest.mark.parametrize("query", ["CATCH_UP_SQL", "CATCH_UP_FIRST_SQL", "CATCH_UP_COUNT_SQL"])
+def test_catch_up_queries_use_an_xid_index_under_rls(db: Database, query: str) -> None:
+    from relay import reads
 
     _fill_for_plans(db)
     org = uuid.UUID("00000000-0000-4000-8000-000000000007")
     with db.as_subscriber({"org_id": str(org)}) as conn:
         snap = current_snapshot(conn)
+        since_xmax = snap.xmax - 150  # most of the table is missed
         plan = "\n".join(
             r[0]
             for r in conn.execute(
-                "EXPLAIN " + CATCHUP_SQL,
+                "EXPLAIN " + getattr(reads, query),
                 {
                     "org": org,
-                    "xmax": str(snap.xmax - 3),
-                    "xip": [str(snap.xmax - 5)],
-                    "after": 0,
-                    "limit": 2000,
+                    "since_xmax": str(since_xmax),
+                    "since_xip": [str(since_xmax - 5)],
+                    "low": str(since_xmax),
+                    "after_xid": "0",
+                    "after_id": 0,
+                    "head_xmax": str(snap.xmax),
+                    "head_xip": [],
+                    "limit": 1000,
+                    "count_limit": 10_001,
                 },
             )
         )
-    assert "events_org_xid_idx" in plan, plan
+    assert "events_org_xid_idx" in plan or "events_xid_idx" in plan, plan
     assert "Seq Scan" not in plan, plan
 
 

@@ -4,13 +4,13 @@ and a listener that heals."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
-from relay.core.cursor import ResyncReason
+from relay.core.cursor import TailPosition
 from relay.core.protocol import EventRow
 from relay.database import Database as Pool
 from relay.metrics import Metrics
@@ -34,7 +34,7 @@ class Recorder:
         self.arrived.set()
         self.arrived = trio.Event()
 
-    def resync_all(self, reason: ResyncReason, cursor_for: Callable[[], str]) -> None:
+    def database_changed(self) -> None:
         raise AssertionError("no epoch change expected")
 
     async def wait_for(self, n: int, timeout_s: float = 5) -> list[EventRow]:
@@ -51,7 +51,14 @@ async def running_tailer(
     pool = Pool(db.dsn(DAEMON), size=2)
     await pool.open()
     recorder, metrics = Recorder(), Metrics()
-    tailer = Tailer(pool, recorder, metrics, poll_interval_s=poll_interval_s, page_rows=page_rows)
+    tailer = Tailer(
+        pool,
+        recorder,
+        metrics,
+        position=TailPosition(),
+        poll_interval_s=poll_interval_s,
+        page_rows=page_rows,
+    )
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(tailer.run)

@@ -12,14 +12,19 @@ from relay.core.cursor import (
     MAX_XID,
     TOO_FAR_BEHIND,
     BadCursor,
+    CatchUp,
     Cursor,
     Fresh,
     Replay,
     Resync,
     ResyncReason,
     Snapshot,
+    TailPosition,
     decode_cursor,
+    handed_over,
     plan_resume,
+    seen_through,
+    tail_page_cursors,
 )
 
 EPOCH = "7301234567890123456:1"
@@ -258,3 +263,68 @@ def test_too_far_behind_constant() -> None:
         "epoch_changed",
         "bad_cursor",
     }
+
+
+# -- which cursor each frame carries --------------------------------------------------
+
+
+@given(snapshots, st.integers(0, 2**20), st.integers(0, 2**20), st.lists(st.integers(0, 2**20)))
+def test_seen_through_sees_exactly_the_since_rows_and_the_head_rows_below_the_bound(
+    head: Snapshot, back: int, below_off: int, probes: list[int]
+) -> None:
+    # `since` is an older snapshot: what it sees, the head sees too.
+    since = Snapshot(
+        max(0, head.xmin - back),
+        max(0, head.xmin - back) + (head.xmax - head.xmin) // 2,
+        (),
+    )
+    since = Snapshot(since.xmin, min(since.xmax, head.xmin), ())
+    below = head.xmin + below_off
+    seen = seen_through(since, head, below)
+    for xid in [*probes, *(head.xmin + p for p in probes), since.xmax, below, head.xmax]:
+        expected = since.visible(xid) or (xid < below and head.visible(xid))
+        assert seen.visible(xid) is expected, (since, head, below, xid)
+
+
+def test_seen_through_the_head_is_the_head_and_before_anything_is_since() -> None:
+    since = Snapshot(90, 100, (95,))
+    head = Snapshot(100, 120, (100, 110))
+    assert seen_through(since, head, head.xmax) == head
+    nothing_yet = seen_through(since, head, 0)
+    assert [x for x in range(80, 130) if nothing_yet.visible(x)] == [
+        x for x in range(80, 130) if since.visible(x)
+    ]
+    mid = seen_through(since, head, 105)
+    assert [x for x in range(80, 130) if mid.visible(x)] == [
+        x for x in range(80, 130) if since.visible(x) or (x < 105 and head.visible(x))
+    ]
+
+
+def test_a_catch_up_page_cursor_covers_every_smaller_xid() -> None:
+    catch_up = CatchUp(EPOCH, Snapshot(50, 60, (55,)), Snapshot(70, 80, (72,)))
+    before = decode_cursor(catch_up.cursor_before(75))
+    assert isinstance(before, Cursor)
+    # 55 was in progress at since but committed before the head: replayed below 75.
+    # 72 is in progress at the head: owed by live delivery.
+    assert [x for x in range(40, 90) if not before.snapshot.visible(x)] == [72, *range(75, 90)]
+    assert decode_cursor(catch_up.head_cursor) == Cursor(EPOCH, catch_up.head)
+
+
+def test_the_tail_page_rule_gives_an_orgs_last_row_the_head() -> None:
+    orgs = ["a", "b", "a", "c", "a"]
+    assert tail_page_cursors(orgs, "P", "S") == ["P", "S", "P", "S", "S"]
+    assert tail_page_cursors(orgs, "P", None) == ["P"] * 5  # not the step's last page
+
+
+def test_the_handover_rule_drops_what_the_catch_up_snapshot_saw() -> None:
+    head = Snapshot(100, 110, (104,))
+    assert handed_over(head, 99) and handed_over(head, 103)
+    assert not handed_over(head, 104) and not handed_over(head, 110)
+
+
+def test_the_tail_position_is_a_cursor_once_started() -> None:
+    position = TailPosition()
+    with pytest.raises(RuntimeError):
+        position.cursor()
+    position.epoch, position.snapshot = EPOCH, HEAD
+    assert decode_cursor(position.cursor()) == Cursor(EPOCH, HEAD)

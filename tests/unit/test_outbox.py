@@ -1,4 +1,4 @@
-"""Bounded per-connection outbox."""
+"""The output: direct path, bounded outbox, and the drain invariant."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import json
 import uuid
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relay.core.cursor import ResyncReason
-from relay.core.outbox import Outbox, OutboxLimits, PushResult
+from relay.core.outbox import Outbox, OutboxLimits, Output, OutputLimits, PushResult
 from relay.core.protocol import EventRow, encode_event, encode_pong
+from tests.unit.support import Pipe, wrap
 
 A = uuid.UUID(int=1)
 B = uuid.UUID(int=2)
@@ -27,7 +28,7 @@ def push(box: Outbox, r: EventRow, now: float = 0.0, cursor: str | None = None) 
 
 
 def drain(box: Outbox) -> list[dict[str, Any]]:
-    return [json.loads(f) for f in box.pop_ready(10**9, 0.0)]
+    return [json.loads(f) for f in box.pop_ready(10**9)[0]]
 
 
 def test_fifo_below_the_bound() -> None:
@@ -39,14 +40,18 @@ def test_fifo_below_the_bound() -> None:
     assert len(box) == 0 and box.pending_bytes == 0
 
 
-def test_pop_ready_batches_up_to_max_bytes_but_at_least_one() -> None:
+def test_pop_ready_batches_up_to_max_bytes_and_counts_events() -> None:
     box = Outbox()
+    box.push_frame(encode_pong("p"), 0.0)
     for i in range(5):
         push(box, row(i, entity_id=str(i)))
     size = len(encode_event(row(0, entity_id="0"), "cur0"))
-    assert len(box.pop_ready(2 * size + 1, 0.0)) == 2
-    assert len(box.pop_ready(1, 0.0)) == 1
-    assert len(box) == 2
+    frames, events = box.pop_ready(2 * size + 1)
+    assert (len(frames), events) == (2, 1)  # the pong and one event
+    assert box.pop_ready(1) == ([], 0)
+    frames, events = box.pop_ready(1, at_least_one=True)
+    assert (len(frames), events) == (1, 1)
+    assert len(box) == 3
 
 
 def test_overflow_first_coalesces_same_key_keeping_newest_with_count() -> None:
@@ -115,7 +120,7 @@ def test_overflows_outside_the_window_are_forgotten() -> None:
     outcomes = []
     for i in range(40):
         outcomes.append(push(box, row(i, A, str(i)), now=float(i) * 10))
-        box.pop_ready(10**9, float(i) * 10) if i % 3 == 0 else None
+        box.pop_ready(10**9) if i % 3 == 0 else None
     assert PushResult.HOPELESS not in outcomes
 
 
@@ -125,37 +130,6 @@ def test_only_control_frames_over_the_bound_is_hopeless() -> None:
     box.push_frame(encode_pong("2"), 0.0)
     assert box.push_frame(encode_pong("3"), 0.0) is PushResult.HOPELESS
     assert len(box) == 2
-
-
-def test_a_stalled_client_is_hopeless_even_while_its_events_are_absorbed() -> None:
-    box = Outbox(OutboxLimits(max_frames=2, max_stall_s=5.0))
-    for i in range(4):
-        push(box, row(i, A, entity_id=str(i)), now=0.0)
-    assert push(box, row(10, A, entity_id="10"), now=1.0) is PushResult.COALESCED
-    assert push(box, row(11, A, entity_id="11"), now=6.0) is PushResult.HOPELESS
-
-
-def test_stalled_when_nothing_popped_for_too_long() -> None:
-    box = Outbox(OutboxLimits(max_stall_s=30.0))
-    assert not box.stalled(100.0)
-    push(box, row(1), now=100.0)
-    assert not box.stalled(129.9)
-    box.pop_ready(1, 120.0)
-    assert not box.stalled(200.0)  # empty: nothing waits
-    push(box, row(2), now=125.0)  # into an empty outbox: the clock starts again
-    assert not box.stalled(154.9)
-    assert box.stalled(155.0)
-
-
-def test_push_resync_supersedes_the_orgs_pending_events() -> None:
-    box = Outbox()
-    push(box, row(1, A, "x"))
-    push(box, row(2, B, "y"))
-    box.push_resync(A, ResyncReason.TOO_FAR_BEHIND, "fresh", 0.0)
-    box.push_resync(A, ResyncReason.OVERFLOW, "fresher", 0.0)
-    frames = drain(box)
-    assert [(f["type"], f["org"]) for f in frames] == [("event", str(B)), ("resync", str(A))]
-    assert frames[1]["cursor"] == "fresher"
 
 
 @settings(max_examples=50)
@@ -185,7 +159,93 @@ def test_bounds_always_hold(ops: list[tuple[str, uuid.UUID, str]]) -> None:
         elif op == "pong":
             box.push_frame(encode_pong(str(i)), i * 0.01)
         else:
-            box.pop_ready(300, i * 0.01)
+            box.pop_ready(300)
         assert len(box) <= limits.max_frames
         assert box.pending_bytes <= limits.max_bytes
         assert box.pending_bytes == sum(len(e.frame) for e in box._entries)
+
+
+# -- the output over a scripted socket --------------------------------------------
+
+
+def output(pipe: Pipe, **limits: Any) -> Output:
+    return Output(pipe, OutputLimits(transport_bytes=pipe.unsent_bound, **limits), wrap=wrap)
+
+
+def event(out: Output, i: int, org: uuid.UUID = A, now: float = 0.0) -> bool:
+    r = row(i, org, entity_id=str(i))
+    return out.event(r, f"cur{i}", wrap(encode_event(r, f"cur{i}")), now)
+
+
+def received_ids(pipe: Pipe) -> list[int]:
+    return [f["id"] for f in pipe.frames() if f["type"] == "event"]
+
+
+@pytest.mark.parametrize("kernel_bytes", [1 << 30, 5000, 0], ids=["takes all", "part", "none"])
+def test_the_drain_invariant_holds_whatever_the_kernel_takes(kernel_bytes: int) -> None:
+    """The outbox is not empty => the transport holds unsent bytes (so a drain follows)."""
+    pipe = Pipe(kernel_bytes=kernel_bytes, unsent_bound=4096, low_water=1024)
+    out = output(pipe, outbox=OutboxLimits(max_frames=10_000, max_bytes=1 << 30))
+    pipe.on_drain = lambda: out.drained(0.0)
+    for i in range(300):
+        assert event(out, i)
+        box = out._outbox
+        assert not box or pipe.unsent_bytes > 0
+    pipe.kernel_bytes = 1 << 30  # the client reads again
+    pipe.read()
+    assert received_ids(pipe) == list(range(300))
+    assert out.backlog_bytes == 0 and out.stats.events_sent == 300
+
+
+def test_a_drain_that_empties_the_transport_keeps_moving_the_outbox() -> None:
+    # The stall of issue 8: the drain handed frames to a socket that took them all,
+    # nothing was left unsent, nobody drained the outbox again.
+    pipe = Pipe(kernel_bytes=0, unsent_bound=4096, low_water=1024)
+    out = output(pipe, outbox=OutboxLimits(max_frames=10_000, max_bytes=1 << 30))
+    for i in range(200):
+        event(out, i)
+    assert out._outbox and len(out._outbox) > 100
+    pipe.kernel_bytes = 1 << 30
+    pipe.kernel += pipe.unsent  # the writer flushed everything in one go ...
+    pipe.unsent.clear()
+    out.drained(1.0)  # ... and called back once: every queued frame must move on
+    assert not out._outbox or pipe.unsent_bytes > 0
+    pipe.on_drain = lambda: out.drained(2.0)
+    pipe.read()
+    assert received_ids(pipe) == list(range(200))
+
+
+def test_the_output_counts_what_was_handed_to_the_socket_not_what_was_offered() -> None:
+    pipe = Pipe(kernel_bytes=0, unsent_bound=2048)
+    out = output(pipe, outbox=OutboxLimits(max_frames=3, max_bytes=1 << 20, max_overflows=99))
+    for i in range(50):
+        event(out, i, org=uuid.UUID(int=i % 2))
+    handed = out.stats.events_sent
+    assert handed < 50 and out.stats.outbox_overflows > 0
+    pipe.kernel_bytes = 1 << 30
+    pipe.on_drain = lambda: out.drained(1.0)
+    pipe.read()
+    assert out.stats.events_sent == len(received_ids(pipe)) < 50
+
+
+def test_stalled_when_nothing_moved_for_too_long() -> None:
+    pipe = Pipe(kernel_bytes=0, unsent_bound=4096)
+    out = output(pipe, max_stall_s=30.0)
+    assert not out.stalled(100.0) and out.stall_deadline() is None
+    event(out, 1, now=100.0)  # nothing waited: the clock starts now
+    assert out.stall_deadline() == 130.0
+    assert not out.stalled(129.9) and out.stalled(130.0)
+    out.drained(120.0)  # the socket made progress
+    assert out.stall_deadline() == 150.0
+    pipe.kernel_bytes = 1 << 30
+    pipe.read()
+    assert out.stall_deadline() is None and not out.stalled(1e9)
+
+
+def test_a_stalled_client_is_hopeless_even_while_its_events_are_absorbed() -> None:
+    pipe = Pipe(kernel_bytes=0, unsent_bound=1024)
+    out = output(pipe, max_stall_s=5.0, outbox=OutboxLimits(max_frames=2))
+    results = [event(out, i, now=0.0) for i in range(6)]
+    assert all(results)  # collapsed into a resync, the client is not hopeless yet
+    assert event(out, 10, now=1.0)
+    assert not event(out, 11, now=6.0)

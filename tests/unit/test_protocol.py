@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.core.cursor import ResyncReason
+from relay.core.codes import CloseCode, ErrorCode, ResyncReason
 from relay.core.protocol import (
     MAX_COALESCE_MS,
     MAX_EVENT_TYPES,
     MAX_TOKEN_CHARS,
     Auth,
     BadMessage,
-    CloseCode,
-    ErrorCode,
     EventRow,
     Ping,
     Subscribe,
@@ -290,5 +290,10 @@ def test_any_client_ref_round_trips_through_an_encoded_frame(ref: str) -> None:
     assert json.loads(encode_error(ref, ErrorCode.BAD_REQUEST, ref))["message"] == ref
 
 
-def test_close_codes() -> None:
-    assert [c.value for c in CloseCode] == [1000, 1009, 1012, 1013, 4001, 4002, 4008, 4029]
+def test_one_close_code_table_has_every_code_the_readme_promises() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    promised = {
+        int(c) for c in re.findall(r"^\| (\d{4})(?: / (\d{4}))? \|", readme, re.M) for c in c if c
+    }
+    assert promised == {1003, 1007, 1009, 1011, 1012, 1013, 4001, 4002, 4008, 4029}
+    assert promised <= {c.value for c in CloseCode}

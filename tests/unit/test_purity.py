@@ -18,7 +18,16 @@ FORBIDDEN_IMPORTS = {*FORBIDDEN_LOADED, "time", "datetime", "threading", "os", "
 
 
 def test_core_modules_exist() -> None:
-    expected = {"protocol", "cursor", "registry", "session", "coalesce", "outbox"}
+    expected = {
+        "protocol",
+        "codes",
+        "cursor",
+        "registry",
+        "session",
+        "subscription",
+        "coalesce",
+        "outbox",
+    }
     assert expected <= {m.rsplit(".", 1)[1] for m in MODULES}
 
 

@@ -144,12 +144,12 @@ async def test_heartbeat_keeps_a_client_that_pongs() -> None:
 
 async def test_close_delivers_queued_frames_then_the_code() -> None:
     frames = [encode_text_frame(f"frame {i:05d}".encode() + b"." * 200) for i in range(2000)]
-    limits = dataclasses.replace(FAST, max_pending_bytes=1 << 20)
+    limits = dataclasses.replace(FAST, max_unsent_bytes=1 << 20)
 
     async def flood_then_close(connection: WsConnection, request: WsRequest) -> None:
         for frame in frames:
             assert connection.send_frame_nowait(frame).accepted
-        assert connection.pending_bytes > 0  # SO_SNDBUF is small: most of it is queued
+        assert connection.unsent_bytes > 0  # SO_SNDBUF is small: most of it is queued
         await connection.close(4008, "too slow")
         assert connection.state is WsState.CLOSED
 
@@ -205,7 +205,7 @@ async def test_peer_close_is_echoed_and_ends_receive() -> None:
 async def test_a_client_that_stops_reading_overflows_without_blocking_others() -> None:
     """The fan-out loop never awaits a client: a stalled one gets OVERFLOW once its
     pending bytes reach the limit, while a reading one receives everything."""
-    limits = dataclasses.replace(FAST, max_pending_bytes=64 * 1024, send_buffer_bytes=16 * 1024)
+    limits = dataclasses.replace(FAST, max_unsent_bytes=64 * 1024, send_buffer_bytes=16 * 1024)
     async with serving(hold_open, limits=limits) as served:
         stalled = await RawClient.connect(served.port, rcvbuf=4096)
         await stalled.upgrade()
@@ -221,10 +221,10 @@ async def test_a_client_that_stops_reading_overflows_without_blocking_others() -
                 started = trio.current_time()
                 results[slow.send_frame_nowait(frame)] += 1
                 assert trio.current_time() - started < 0.05
-                assert slow.pending_bytes <= limits.max_pending_bytes
+                assert slow.unsent_bytes <= limits.max_unsent_bytes
                 if not fast.send_frame_nowait(frame).accepted:
                     # only this test's own client lags (it shares our thread): let it catch up
-                    await fast.wait_pending_at_most(limits.max_pending_bytes - len(frame))
+                    await fast.wait_unsent_at_most(limits.max_unsent_bytes - len(frame))
                     assert fast.send_frame_nowait(frame).accepted
                 if i % 10 == 0:
                     await trio.lowlevel.checkpoint()  # what a fan-out does every chunk
@@ -238,13 +238,13 @@ async def test_a_client_that_stops_reading_overflows_without_blocking_others() -
 
 async def test_drain_callback_runs_when_the_backlog_clears() -> None:
     drained = trio.Event()
-    limits = dataclasses.replace(FAST, max_pending_bytes=1 << 20, drain_low_water_bytes=1024)
+    limits = dataclasses.replace(FAST, max_unsent_bytes=1 << 20, drain_low_water_bytes=1024)
 
     async def flood(connection: WsConnection, request: WsRequest) -> None:
         connection.set_drain_callback(drained.set)
         for _ in range(500):
             connection.send_frame_nowait(encode_text_frame(b"d" * 1000))
-        assert connection.pending_bytes > 1024
+        assert connection.unsent_bytes > 1024
         await hold_open(connection, request)
 
     async with serving(flood, limits=limits) as served:
@@ -257,12 +257,12 @@ async def test_drain_callback_runs_when_the_backlog_clears() -> None:
             for _ in range(500):
                 assert isinstance(await client.next_event(), TextMessage)
             await drained.wait()
-        assert served.connections[0].pending_bytes <= 1024
+        assert served.connections[0].unsent_bytes <= 1024
         client.close()
 
 
 async def test_a_reset_with_a_backlog_never_raises_into_the_sender() -> None:
-    limits = dataclasses.replace(FAST, max_pending_bytes=1 << 20)
+    limits = dataclasses.replace(FAST, max_unsent_bytes=1 << 20)
     async with serving(hold_open, limits=limits) as served:
         client = await RawClient.connect(served.port, rcvbuf=4096)
         await client.upgrade()
@@ -280,7 +280,7 @@ async def test_a_reset_with_a_backlog_never_raises_into_the_sender() -> None:
             await served.finished.wait()  # its receive_message returned None
         assert connection.state is not WsState.OPEN
         assert connection.close_code == 1006
-        assert connection.pending_bytes == 0
+        assert connection.unsent_bytes == 0
 
 
 async def test_handler_error_closes_1011_and_the_server_keeps_serving() -> None:
@@ -311,14 +311,14 @@ async def test_shutdown_closes_clients_with_1012_and_serve_returns() -> None:
 
 
 async def test_send_message_waits_for_room_instead_of_overflowing() -> None:
-    small = dataclasses.replace(FAST, max_pending_bytes=8 * 1024, drain_low_water_bytes=0)
+    small = dataclasses.replace(FAST, max_unsent_bytes=8 * 1024, drain_low_water_bytes=0)
     done = trio.Event()
 
     async def producer(connection: WsConnection, request: WsRequest) -> None:
         for i in range(300):
             result = await connection.send_message(f"{i:04d}" + "p" * 996)
             assert result is not SendResult.OVERFLOW
-            assert connection.pending_bytes <= small.max_pending_bytes
+            assert connection.unsent_bytes <= small.max_unsent_bytes
         done.set()
         await hold_open(connection, request)
 
@@ -343,7 +343,7 @@ def _tasks_named(suffix: str) -> list[trio.lowlevel.Task]:
 
 async def test_an_idle_connection_is_one_task_and_a_writer_runs_only_while_bytes_wait() -> None:
     """Per-connection memory: no writer task, nursery or heartbeat task while idle."""
-    limits = dataclasses.replace(FAST, max_pending_bytes=1 << 20, ping_interval_s=30.0)
+    limits = dataclasses.replace(FAST, max_unsent_bytes=1 << 20, ping_interval_s=30.0)
     async with serving(hold_open, limits=limits) as served:
         clients = []
         for _ in range(3):
@@ -361,7 +361,7 @@ async def test_an_idle_connection_is_one_task_and_a_writer_runs_only_while_bytes
         connection = served.connections[0]
         frame = encode_text_frame(b"w" * 1000)
         sent = 0
-        while connection.pending_bytes == 0:
+        while connection.unsent_bytes == 0:
             assert connection.send_frame_nowait(frame).accepted
             sent += 1
         await trio.testing.wait_all_tasks_blocked()
@@ -369,7 +369,7 @@ async def test_an_idle_connection_is_one_task_and_a_writer_runs_only_while_bytes
         with trio.fail_after(5):
             for _ in range(sent):
                 assert isinstance(await clients[0].next_event(), TextMessage)
-            await connection.wait_pending_at_most(0)
+            await connection.wait_unsent_at_most(0)
         await trio.testing.wait_all_tasks_blocked()
         assert _tasks_named("._run_writer") == []
         assert connection.send_frame_nowait(frame) is SendResult.SENT

@@ -1,0 +1,89 @@
+"""Who may connect: every connection count the daemon keeps, in one place.
+
+- total connections (`max_connections`: 503 with Retry-After before the upgrade);
+- connections per client address (`max_connections_per_ip`: 429);
+- connections per token subject (`max_connections_per_user`: after the first
+  `auth`, an `error` rate_limited and close 1013);
+- stopping (503 while the daemon shuts down).
+
+The WebSocket server asks `refusal` before answering an upgrade; a connection
+then holds its address (`enter`/`leave`) and, once authenticated, its subject
+(`admit_user`/`leave_user`) for its whole life.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from relay.ws import WsReject, WsRequest
+
+__all__ = ["Admission", "AdmissionLimits"]
+
+RETRY_AFTER_S = 5
+"""What a client refused for capacity is told to wait."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    """Connection limits of one daemon."""
+
+    max_connections: int = 10_000
+    """WebSocket connections in total."""
+    max_connections_per_ip: int = 1_000
+    """WebSocket connections per client address."""
+    max_connections_per_user: int = 20
+    """WebSocket connections per token subject."""
+
+
+class Admission:
+    """Connection counts: total, per address, per subject, and whether stopping."""
+
+    def __init__(self, limits: AdmissionLimits | None = None) -> None:
+        self.limits = limits or AdmissionLimits()
+        self.stopping = False
+        """Set when the daemon starts shutting down: new upgrades get 503."""
+        self._per_ip: Counter[str] = Counter()
+        self._per_user: Counter[str] = Counter()
+        self._total = 0
+
+    @property
+    def connections(self) -> int:
+        """Open connections (those that `enter`ed and did not `leave`)."""
+        return self._total
+
+    def refusal(self, request: WsRequest) -> WsReject | None:
+        """Whether to refuse an upgrade request (None: let it in)."""
+        if self.stopping:
+            return WsReject(503, "server shutting down")
+        if self._total >= self.limits.max_connections:
+            return WsReject(503, "too many connections", (("retry-after", str(RETRY_AFTER_S)),))
+        if self._per_ip[request.peer[0]] >= self.limits.max_connections_per_ip:
+            return WsReject(429, "too many connections from this address")
+        return None
+
+    def enter(self, address: str) -> None:
+        """A connection from `address` opened."""
+        self._total += 1
+        self._per_ip[address] += 1
+
+    def leave(self, address: str) -> None:
+        """A connection from `address` ended."""
+        self._total -= 1
+        self._per_ip[address] -= 1
+        if self._per_ip[address] <= 0:
+            del self._per_ip[address]
+
+    def admit_user(self, subject: str) -> bool:
+        """A connection authenticated as `subject`: count it, unless that subject
+        already holds `max_connections_per_user`."""
+        if self._per_user[subject] >= self.limits.max_connections_per_user:
+            return False
+        self._per_user[subject] += 1
+        return True
+
+    def leave_user(self, subject: str) -> None:
+        """A connection counted by `admit_user` ended."""
+        self._per_user[subject] -= 1
+        if self._per_user[subject] <= 0:
+            del self._per_user[subject]
