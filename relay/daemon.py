@@ -73,12 +73,13 @@ class Daemon:
         *,
         notify: Callable[[str], object] = lambda _m: None,
         admin_routes: dict[str, Route] | None = None,
-        reads: Reads | None = None,
+        reads: Callable[[Database, str], Reads] = SubscriberReads,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`admin_routes`: extra routes for the admin port (`pgrelay dev`'s demo);
-        they cannot replace /healthz, /readyz or /metrics. `reads`: the SQL a
-        connection runs for its client (a test seam; default `SubscriberReads`)."""
+        they cannot replace /healthz, /readyz or /metrics. `reads`: makes the SQL
+        a connection runs for its client from the pool and the subscriber role
+        (a test seam)."""
         self.settings = s = settings
         self.notify = notify
         self.extra_admin_routes = dict(admin_routes or {})
@@ -91,7 +92,7 @@ class Daemon:
         self.services = ConnectionServices(
             fanout=self.hub,
             scheduler=self.scheduler,
-            reads=reads or SubscriberReads(self.db, s.subscriber_role),
+            reads=reads(self.db, s.subscriber_role),
             verifier=build_verifier(s),
             admission=self.admission,
             session_limits=s.session_limits(),

@@ -74,3 +74,45 @@ def test_readme_documents_every_setting() -> None:
     text = README.read_text()
     missing = [env_name(f.name) for f in fields(Settings) if env_name(f.name) not in text]
     assert missing == []
+
+
+def test_a_renamed_setting_still_works_with_a_warning(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    s = load({}, SECRET | {"PGRELAY_MAX_PENDING_BYTES": "100000"}, warn=warnings.append)
+    assert s.max_outbox_bytes == 100_000
+    assert warnings == ["PGRELAY_MAX_PENDING_BYTES is deprecated: use PGRELAY_MAX_OUTBOX_BYTES"]
+    # The new name wins at the same level; a flag beats either in the environment.
+    both = SECRET | {"PGRELAY_MAX_PENDING_BYTES": "100000", "PGRELAY_MAX_OUTBOX_BYTES": "200000"}
+    assert load({}, both).max_outbox_bytes == 200_000
+    assert load({"max_pending_bytes": "300000"}, both).max_outbox_bytes == 300_000
+    toml = tmp_path / "old.toml"
+    toml.write_text("max_pending_bytes = 123456\n")
+    warnings.clear()
+    assert load({}, SECRET, str(toml), warn=warnings.append).max_outbox_bytes == 123_456
+    assert warnings == [f"max_pending_bytes (in {toml}) is deprecated: use max_outbox_bytes"]
+
+
+def test_each_component_gets_its_limits_from_the_settings() -> None:
+    s = load(
+        {},
+        SECRET
+        | {
+            "PGRELAY_MAX_MESSAGE_BYTES": "65536",
+            "PGRELAY_MAX_OUTBOX_BYTES": "100000",
+            "PGRELAY_REPLAY_LIMIT": "77",
+            "PGRELAY_SLOW_CLIENT_TIMEOUT_S": "5",
+            "PGRELAY_MAX_CONNECTIONS_PER_USER": "3",
+        },
+    )
+    assert s.ws_limits().max_message_bytes == 65536
+    assert s.output_limits().outbox.max_bytes == 100_000
+    assert s.output_limits().transport_bytes == s.ws_limits().max_unsent_bytes
+    assert s.output_limits().max_stall_s == 5.0
+    assert s.session_limits().catch_up.replay_limit == 77
+    assert s.admission_limits().max_connections_per_user == 3
+
+
+@pytest.mark.parametrize("value", ["100", "2000000"])
+def test_the_message_size_limit_is_bounded(value: str) -> None:
+    with pytest.raises(ConfigError, match="PGRELAY_MAX_MESSAGE_BYTES"):
+        load({}, SECRET | {"PGRELAY_MAX_MESSAGE_BYTES": value})
