@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from bench import dbload, loadgen
 from relay.auth import mint_token
 from relay.embedded import EmbeddedPostgres, free_port
-from relay.migrate import migrate
+from relay.provision import provision
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -136,22 +135,13 @@ class Cluster:
 
     def start(self) -> None:
         self.pg.start()
+        provision(
+            self.pg.dsn(),
+            DBNAME,
+            owner=OWNER,
+            logins={BACKEND: "relay_service", DAEMON: "relay_daemon"},
+        )
         with psycopg.connect(self.pg.dsn(), autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER CREATEROLE").format(sql.Identifier(OWNER))
-            )
-            conn.execute(
-                sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                    sql.Identifier(DBNAME), sql.Identifier(OWNER)
-                )
-            )
-        migrate(self.dsn(OWNER))
-        with psycopg.connect(self.pg.dsn(), autocommit=True) as conn:
-            for login, group in ((BACKEND, "relay_service"), (DAEMON, "relay_daemon")):
-                conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(login)))
-                conn.execute(
-                    sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(login))
-                )
             settings: dict[str, str] = dict(
                 conn.execute(
                     "SELECT name, setting FROM pg_settings WHERE name IN "

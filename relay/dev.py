@@ -37,13 +37,12 @@ from functools import partial
 from importlib import resources
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final
+from typing import Final
 from urllib.parse import quote, urlencode
 
 import psycopg
 import structlog
 import trio
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from relay import config, logs
@@ -53,6 +52,7 @@ from relay.daemon import WS_PATH, Daemon
 from relay.embedded import EmbeddedPostgres, docker_answers, find_bindir, free_port
 from relay.errors import RelayError
 from relay.migrate import migrate
+from relay.provision import ensure_login_roles, provision
 
 #: The organization the demo page and the printed commands use.
 DEMO_ORG: Final = "6f1c6f1c-0000-4000-8000-000000000001"
@@ -126,25 +126,13 @@ def login_url(conninfo: str, user: str, password: str | None, dbname: str | None
     return f"postgresql://{netloc}/{quote(database, safe='')}{query}"
 
 
-def ensure_login_roles(conn: psycopg.Connection[Any], password: str | None) -> None:
-    """Create the two login roles if missing, (re)set their password, grant the
-    group roles. Idempotent; runs as the schema owner (who has CREATEROLE)."""
-    for login, group in LOGIN_ROLES.items():
-        role = sql.Identifier(login)
-        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (login,)).fetchone():
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
-        if password is not None:
-            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(role, sql.Literal(password)))
-        conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), role))
-
-
 def prepare_given(url: str) -> DevDatabase:
     """--database-url: migrate it as its own user (the schema owner), then the login roles."""
     password = secrets.token_urlsafe(18)  # its pg_hba.conf may ask for one
     migrate(url)
     try:
         with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-            ensure_login_roles(conn, password)
+            ensure_login_roles(conn, LOGIN_ROLES, password)
             user = conn.info.user
     except psycopg.Error as exc:
         raise RelayError(
@@ -163,29 +151,15 @@ def prepare_given(url: str) -> DevDatabase:
 def prepare_on_server(admin_url: str, password: str | None) -> tuple[str, str, str]:
     """On a throwaway server where `admin_url` is a superuser: a non-superuser
     owner, its database, the migrations, the login roles. The three URLs."""
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-        owner = sql.Identifier(OWNER_ROLE)
-        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (OWNER_ROLE,)).fetchone():
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER CREATEROLE").format(owner))
-        if password is not None:
-            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(owner, sql.Literal(password)))
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DEV_DATABASE,))
-        if not exists.fetchone():
-            conn.execute(
-                sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(DEV_DATABASE), owner)
-            )
-    owner_url = login_url(admin_url, OWNER_ROLE, password, DEV_DATABASE)
-    migrate(owner_url)
-    with psycopg.connect(owner_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-        ensure_login_roles(conn, password)
+    provision(admin_url, DEV_DATABASE, owner=OWNER_ROLE, logins=LOGIN_ROLES, password=password)
     return (
-        owner_url,
+        login_url(admin_url, OWNER_ROLE, password, DEV_DATABASE),
         login_url(admin_url, DAEMON_LOGIN, password, DEV_DATABASE),
         login_url(admin_url, BACKEND_LOGIN, password, DEV_DATABASE),
     )
 
 
-def provision(database_url: str | None, stack: contextlib.ExitStack) -> DevDatabase:
+def provide(database_url: str | None, stack: contextlib.ExitStack) -> DevDatabase:
     """The database, in the order of preference; its removal is pushed on `stack`."""
     if database_url:
         return prepare_given(database_url)
@@ -483,7 +457,7 @@ def run(
     logs.configure(base.log_level, base.log_format)
 
     with _stoppable_by_signals(), contextlib.ExitStack() as stack:
-        db = provision(database_url, stack)
+        db = provide(database_url, stack)
         settings = dataclasses.replace(
             base,
             database_url=db.daemon_url,

@@ -41,7 +41,7 @@ _ROW_COLUMNS = (
 #: (`since`) but visible in S, after a (xid, id) keyset position, in (xid, id)
 #: order. Run as the subscriber role under the client's claims, so that
 #: row-level security filters it for real. Two branches, each an ordered range
-#: of events_org_xid_idx (checked by the test suite with EXPLAIN): the xids that
+#: of events_org_xid_id_idx (checked by the test suite with EXPLAIN): the xids that
 #: were in progress at `since` (all below since.xmax), then everything from
 #: since.xmax on. Reading by xid makes each page's start a snapshot too, so a
 #: client interrupted mid-replay resumes from the page it was on.
@@ -52,12 +52,12 @@ _CATCH_UP_BRANCH = f"""
     FROM relay.events AS e
     WHERE e.organization_id = %(org)s
       AND <range>
-      AND (e.xid > %(after_xid)s::xid8 OR e.id > %(after_id)s)
+      AND (e.xid, e.id) > (%(after_xid)s::xid8, %(after_id)s)
       <head>
     ORDER BY e.xid, e.id
     LIMIT %(limit)s
 """
-_IN_SINCE_XIP = "e.xid = ANY (%(since_xip)s::xid8[]) AND e.xid >= %(after_xid)s::xid8"
+_IN_SINCE_XIP = "e.xid = ANY (%(since_xip)s::xid8[])"
 _FROM_SINCE_XMAX = "e.xid >= %(low)s::xid8"
 _VISIBLE_IN_HEAD = "AND e.xid < %(head_xmax)s::xid8 AND NOT (e.xid = ANY (%(head_xip)s::xid8[]))"
 

@@ -26,7 +26,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relay.embedded import EmbeddedPostgres, docker_answers, find_bindir
-from relay.migrate import migrate
+from relay.provision import provision
 
 OWNER = "pgrelay_test_owner"
 BACKEND = "pgrelay_test_backend"
@@ -102,29 +102,11 @@ def ensure_owner_role(server: Server) -> None:
             )
 
 
-def ensure_login_roles(server: Server) -> None:
-    """After the first migration created the group roles: the login roles."""
-    with server.admin() as conn:
-        for login, group in LOGIN_ROLES.items():
-            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (login,)).fetchone():
-                conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(login)))
-            conn.execute(
-                sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(login))
-            )
-
-
 def create_template(server: Server) -> str:
+    """A migrated database to copy for each test (`relay.provision`, as `pgrelay
+    dev` and the benchmark provision theirs)."""
     name = f"pgrelay_tpl_{os.getpid()}"
-    ensure_owner_role(server)
-    with server.admin() as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                sql.Identifier(name), sql.Identifier(OWNER)
-            )
-        )
-    migrate(server.dsn(OWNER, name))
-    ensure_login_roles(server)
+    provision(server.admin_dsn, name, owner=OWNER, logins=LOGIN_ROLES, recreate=True)
     return name
 
 

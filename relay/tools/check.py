@@ -58,8 +58,8 @@ DEFAULT_SUBSCRIBER_ROLE: Final = "relay_subscriber"
 #: Indexes the daemon's queries depend on, and how to recreate each.
 REQUIRED_INDEXES: Final[Mapping[str, str]] = {
     "events_xid_idx": "CREATE INDEX CONCURRENTLY events_xid_idx ON relay.events (xid);",
-    "events_org_xid_idx": "CREATE INDEX CONCURRENTLY events_org_xid_idx "
-    "ON relay.events (organization_id, xid);",
+    "events_org_xid_id_idx": "CREATE INDEX CONCURRENTLY events_org_xid_id_idx "
+    "ON relay.events (organization_id, xid, id);",
     "events_org_dedupe_key_uidx": "CREATE UNIQUE INDEX CONCURRENTLY events_org_dedupe_key_uidx "
     "ON relay.events (organization_id, dedupe_key) WHERE dedupe_key IS NOT NULL;",
 }

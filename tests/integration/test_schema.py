@@ -378,7 +378,7 @@ def test_catch_up_queries_use_an_xid_index_under_rls(db: Database, query: str) -
                 },
             )
         )
-    assert "events_org_xid_idx" in plan or "events_xid_idx" in plan, plan
+    assert "events_org_xid_id_idx" in plan or "events_xid_idx" in plan, plan
     assert "Seq Scan" not in plan, plan
 
 

@@ -211,7 +211,7 @@ def test_check_on_a_healthy_database_is_all_ok(db: Database) -> None:
         f"{DAEMON} is a member of relay_daemon",
         f"{DAEMON} can SET ROLE relay_subscriber",
         "row-level security enabled and forced",
-        "indexes events_xid_idx, events_org_xid_idx, events_org_dedupe_key_uidx present",
+        "indexes events_xid_idx, events_org_xid_id_idx, events_org_dedupe_key_uidx present",
         "doorbell trigger events_doorbell enabled",
         "LISTEN/NOTIFY round trip in",
         "NOTIFY queue",
@@ -277,13 +277,13 @@ def test_check_disabled_doorbell_warns_about_poll_mode(db: Database) -> None:
 def test_check_reports_weakened_security_and_missing_indexes(db: Database) -> None:
     with db.connect() as owner:
         owner.execute("ALTER TABLE relay.events NO FORCE ROW LEVEL SECURITY")
-        owner.execute("DROP INDEX relay.events_org_xid_idx")
+        owner.execute("DROP INDEX relay.events_org_xid_id_idx")
     r = check(db)
     assert r.returncode == 1
     assert "FAIL  row-level security is not forced on relay.events" in r.stdout
     assert "ALTER TABLE relay.events FORCE ROW LEVEL SECURITY;" in r.stdout
-    assert "FAIL  index relay.events_org_xid_idx is missing" in r.stdout
-    assert "CREATE INDEX CONCURRENTLY events_org_xid_idx" in r.stdout
+    assert "FAIL  index relay.events_org_xid_id_idx is missing" in r.stdout
+    assert "CREATE INDEX CONCURRENTLY events_org_xid_id_idx" in r.stdout
 
 
 def test_check_cannot_connect_fails_with_the_setting_to_fix() -> None:
