@@ -179,7 +179,7 @@ class Worker:
         return True
 
     def start_open(self, args: dict[str, Any]) -> None:
-        from relay.auth import mint_token
+        from relay.server.jwt import mint_token
 
         self.opening = {
             "want": int(args["count"]),

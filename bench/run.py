@@ -32,9 +32,9 @@ from typing import Any
 import psycopg
 
 from bench import dbload, loadgen
-from relay.auth import mint_token
-from relay.embedded import EmbeddedPostgres, free_port
-from relay.provision import provision
+from relay.dev.embedded import EmbeddedPostgres, free_port
+from relay.dev.provision import provision
+from relay.server.jwt import mint_token
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

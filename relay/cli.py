@@ -16,7 +16,7 @@ def _database_url(arg: str | None) -> str:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from relay.migrate import migrate
+    from relay.db.migrate import migrate
 
     result = migrate(_database_url(args.database_url), dry_run=args.dry_run, log=print)
     if not result.applied:
@@ -30,8 +30,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import structlog
     import trio
 
-    from relay import config, logs, sdnotify
-    from relay.daemon import Daemon
+    from relay import config, logs
+    from relay.server import sdnotify
+    from relay.server.app import Daemon
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     deprecated: list[str] = []
@@ -45,7 +46,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from relay import dev
+    from relay.dev import demo as dev
 
     return dev.run(args.database_url, os.environ)
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from relay.admission import AdmissionLimits
 from relay.core.outbox import MAX_FRAME_BYTES, OutboxLimits, OutputLimits
 from relay.core.session import SessionLimits
 from relay.core.subscription import CatchUpLimits
 from relay.errors import ConfigError
+from relay.server.admission import AdmissionLimits
 from relay.ws import WsLimits
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from psycopg import sql
 
-from relay.embedded import find_bindir
+from relay.dev.embedded import find_bindir
 from tests.pgharness import (
     OWNER,
     Database,

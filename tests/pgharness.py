@@ -3,7 +3,7 @@ template database once, and hand each test a fresh copy of it.
 
 Server, in this order of preference:
 1. ``PGRELAY_TEST_DSN`` — an admin DSN; tests create and drop their own databases;
-2. a throwaway cluster started from the local server binaries (relay.embedded);
+2. a throwaway cluster started from the local server binaries (relay.dev.embedded);
 3. testcontainers, when a Docker engine answers a ping within about a second.
 
 The schema owner is a non-superuser role, as on managed Postgres. Login roles
@@ -25,8 +25,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from relay.embedded import EmbeddedPostgres, docker_answers, find_bindir
-from relay.provision import provision
+from relay.dev.embedded import EmbeddedPostgres, docker_answers, find_bindir
+from relay.dev.provision import provision
 
 OWNER = "pgrelay_test_owner"
 BACKEND = "pgrelay_test_backend"
@@ -103,7 +103,7 @@ def ensure_owner_role(server: Server) -> None:
 
 
 def create_template(server: Server) -> str:
-    """A migrated database to copy for each test (`relay.provision`, as `pgrelay
+    """A migrated database to copy for each test (`relay.dev.provision`, as `pgrelay
     dev` and the benchmark provision theirs)."""
     name = f"pgrelay_tpl_{os.getpid()}"
     provision(server.admin_dsn, name, owner=OWNER, logins=LOGIN_ROLES, recreate=True)

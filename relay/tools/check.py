@@ -29,8 +29,8 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from relay.db.migrate import load_migrations
 from relay.errors import ConfigError
-from relay.migrate import load_migrations
 from relay.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,

@@ -7,8 +7,9 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from relay import auth, config
+from relay import config
 from relay.errors import ConfigError
+from relay.server import jwt as auth
 from relay.tools.common import (
     EXIT_OK,
     environ,

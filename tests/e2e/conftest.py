@@ -23,8 +23,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from relay.auth import mint_token
-from relay.embedded import free_port
+from relay.dev.embedded import free_port
+from relay.server.jwt import mint_token
 from tests.pgharness import DAEMON, Database, Server
 
 REPO = Path(__file__).resolve().parents[2]

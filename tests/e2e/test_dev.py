@@ -28,8 +28,8 @@ import psycopg
 import pytest
 import trio
 
-from relay.dev import DEMO_ORG
-from relay.embedded import find_bindir, free_port
+from relay.dev.demo import DEMO_ORG
+from relay.dev.embedded import find_bindir, free_port
 from tests.e2e.conftest import Client, connect
 from tests.pgharness import Database
 

@@ -17,7 +17,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
-from relay.auth import mint_token
+from relay.server.jwt import mint_token
 from tests.e2e.conftest import SECRET, Client, RelayProcess, connect, start_relay
 from tests.pgharness import Database
 
@@ -286,7 +286,7 @@ async def test_every_bad_token_is_rejected_with_4001_and_never_logged(
             assert token not in json.dumps(error)
             assert await c.close_code() == 4001, name
     # A 16 KB token does not even fit in a frame (4 KiB): 1009 before any JWT work.
-    # (relay.auth rejects tokens over 8 KiB too: tests/unit/test_auth.py.)
+    # (relay.server.jwt rejects tokens over 8 KiB too: tests/unit/test_auth.py.)
     async with connect(limited.ws_url) as ws:
         c = Client(ws)
         await c.send({"type": "auth", "token": _hs256(_claims(pad="p" * 16_000))})

@@ -21,12 +21,12 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from relay import config
-from relay.auth import mint_token
 from relay.core.cursor import Cursor, decode_cursor
 from relay.core.subscription import CatchUpPage, CatchUpQuery
-from relay.daemon import Daemon
-from relay.database import Database as Pool
-from relay.reads import SubscriberReads
+from relay.db.pool import Database as Pool
+from relay.db.reads import SubscriberReads
+from relay.server.app import Daemon
+from relay.server.jwt import mint_token
 from tests.pgharness import BACKEND, DAEMON, Database
 
 ORG = uuid.UUID("00000000-0000-4000-8000-0000000000d1")

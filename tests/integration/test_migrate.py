@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from relay.db.migrate import Migration, load_migrations, migrate
 from relay.errors import MigrationError
-from relay.migrate import Migration, load_migrations, migrate
 from tests.pgharness import Database
 
 REPO = Path(__file__).resolve().parents[2]

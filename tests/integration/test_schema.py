@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
-from relay.reads import current_snapshot, read_tail
+from relay.db.reads import current_snapshot, read_tail
 from tests.pgharness import AUTHENTICATOR, BACKEND, DAEMON, Database
 
 ORG_A = uuid.UUID("00000000-0000-4000-8000-00000000000a")
@@ -353,7 +353,7 @@ def test_tail_query_uses_the_xid_index(db: Database) -> None:
 
 @pytest.mark.parametrize("query", ["CATCH_UP_SQL", "CATCH_UP_FIRST_SQL", "CATCH_UP_COUNT_SQL"])
 def test_catch_up_queries_use_an_xid_index_under_rls(db: Database, query: str) -> None:
-    from relay import reads
+    from relay.db import reads
 
     _fill_for_plans(db)
     org = uuid.UUID("00000000-0000-4000-8000-000000000007")

@@ -5,7 +5,7 @@
   (skipped when systemd-analyze is absent: ``apt-get install systemd``).
 - The retention unit's exact command runs against a real database as the
   daemon's role.
-- :mod:`relay.sdnotify` talks to real AF_UNIX datagram sockets owned by the
+- :mod:`relay.server.sdnotify` talks to real AF_UNIX datagram sockets owned by the
   test (a path socket and an abstract one).
 
 Offline verification: ``systemd-analyze verify`` needs no running systemd, but it
@@ -37,8 +37,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay import sdnotify
 from relay.config import Settings, env_name
+from relay.server import sdnotify
 from tests.pgharness import DAEMON, Database
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,7 +173,7 @@ def test_retention_unit_command_runs_as_the_daemon_role(db: Database) -> None:
     assert result.stdout.strip() == "deleted 3 events older than 24 hours"
 
 
-# -- relay.sdnotify against real sockets ---------------------------------------
+# -- relay.server.sdnotify against real sockets ---------------------------------------
 
 
 @pytest.fixture
@@ -340,7 +340,7 @@ def test_daemon_notifies_systemd(
 ) -> None:
     """READY=1 once serving, WATCHDOG=1 every half period, STOPPING=1 on SIGTERM,
     exit 0; every message from the main pid (NotifyAccess=main)."""
-    from relay.embedded import free_port
+    from relay.dev.embedded import free_port
 
     sock, environ = path_socket
     admin_port = free_port()

@@ -12,9 +12,9 @@ import trio
 
 from relay.core.cursor import TailPosition
 from relay.core.protocol import EventRow
-from relay.database import Database as Pool
-from relay.metrics import Metrics
-from relay.tailer import Tailer
+from relay.db.pool import Database as Pool
+from relay.db.tail import Tailer
+from relay.server.metrics import Metrics
 from tests.pgharness import BACKEND, DAEMON, Database, Server
 
 ORG = uuid.UUID("00000000-0000-4000-8000-0000000000a1")

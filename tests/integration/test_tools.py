@@ -21,7 +21,7 @@ import pytest
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from relay.auth import AuthConfig, TokenVerifier
+from relay.server.jwt import AuthConfig, TokenVerifier
 from relay.tools.tail import (
     TailSession,
     backoff_delay,

@@ -7,7 +7,7 @@ and a harness that drives one Session the way the shell does.
 - `Table` models `relay.events` and Postgres snapshots: transactions with
   xids that commit (or not) in any order, `snapshot()` like
   pg_current_snapshot(), and `read(query)` answering a `CatchUpQuery` the way
-  the SQL in relay.reads does (the integration tests check the SQL itself).
+  the SQL in relay.db.reads does (the integration tests check the SQL itself).
 - `Harness` wires a Session to a Pipe and a Table, applies its actions like
   the shell (Follow/Unfollow/ScheduleTick/ReadCatchUp), and collects what
   the client received.

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from relay.auth import (
+from relay.server.jwt import (
     AUTH_ERROR_REASONS,
     DEFAULT_LEEWAY_S,
     MAX_TOKEN_BYTES,

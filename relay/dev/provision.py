@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from relay.migrate import migrate
+from relay.db.migrate import migrate
 
 __all__ = ["ensure_login_roles", "provision", "role_dsn"]
 

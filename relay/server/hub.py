@@ -27,7 +27,7 @@ from relay.core.cursor import Snapshot, TailPosition, tail_page_cursors
 from relay.core.protocol import EventRow, encode_event
 from relay.core.registry import Registry
 from relay.core.subscription import Subscription
-from relay.metrics import Metrics
+from relay.server.metrics import Metrics
 from relay.ws import encode_text_frame
 
 __all__ = ["FANOUT_CHUNK", "Fanout", "Follower", "Hub"]

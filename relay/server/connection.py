@@ -24,8 +24,6 @@ from typing import Protocol, TypeVar
 import structlog
 import trio
 
-from relay.admission import Admission
-from relay.auth import AuthError, TokenVerifier
 from relay.core.codes import CloseCode, ErrorCode
 from relay.core.cursor import Snapshot
 from relay.core.outbox import Output, OutputLimits
@@ -47,9 +45,11 @@ from relay.core.session import (
 from relay.core.stats import Stats
 from relay.core.subscription import CatchUpPage, CatchUpQuery, Subscription
 from relay.errors import ReadFailed
-from relay.hub import Fanout
-from relay.metrics import Metrics
-from relay.scheduler import Scheduler
+from relay.server.admission import Admission
+from relay.server.hub import Fanout
+from relay.server.jwt import AuthError, TokenVerifier
+from relay.server.metrics import Metrics
+from relay.server.scheduler import Scheduler
 from relay.ws import WsConnection, encode_text_frame
 
 __all__ = ["Connection", "ConnectionServices", "Reads"]

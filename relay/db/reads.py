@@ -25,7 +25,7 @@ from psycopg import sql
 from relay.core.cursor import Snapshot
 from relay.core.protocol import EventRow
 from relay.core.subscription import CatchUpPage, CatchUpQuery
-from relay.database import Database
+from relay.db.pool import Database
 from relay.errors import ReadFailed
 
 #: Rows per page of the tail: a burst of 100,000 rows is read in pages, never

@@ -28,9 +28,9 @@ import trio
 
 from relay.core.cursor import Cursor, Snapshot, TailPosition
 from relay.core.protocol import EventRow
-from relay.database import Conn, Database, connect_listener
-from relay.metrics import Metrics
-from relay.reads import PAGE_ROWS, TailRead, current_snapshot, database_epoch
+from relay.db.pool import Conn, Database, connect_listener
+from relay.db.reads import PAGE_ROWS, TailRead, current_snapshot, database_epoch
+from relay.server.metrics import Metrics
 
 CHANNEL = "relay_events"
 #: Listener reconnect backoff: first wait, cap, and the random share added.

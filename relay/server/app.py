@@ -19,21 +19,21 @@ import psycopg
 import structlog
 import trio
 
-from relay import sdnotify
-from relay.admin import Response, Route, serve_admin
-from relay.admission import Admission
-from relay.auth import AuthConfig, TokenVerifier
-from relay.client import Connection, ConnectionServices, Reads
 from relay.config import Settings
 from relay.core.codes import CloseCode
 from relay.core.cursor import TailPosition
-from relay.database import Database
+from relay.db.pool import Database
+from relay.db.reads import SubscriberReads
+from relay.db.tail import Tailer
 from relay.errors import ConfigError
-from relay.hub import Hub
-from relay.metrics import Metrics
-from relay.reads import SubscriberReads
-from relay.scheduler import Scheduler
-from relay.tailer import Tailer
+from relay.server import sdnotify
+from relay.server.admin import Response, Route, serve_admin
+from relay.server.admission import Admission
+from relay.server.connection import Connection, ConnectionServices, Reads
+from relay.server.hub import Hub
+from relay.server.jwt import AuthConfig, TokenVerifier
+from relay.server.metrics import Metrics
+from relay.server.scheduler import Scheduler
 from relay.ws import WsConnection, WsRequest, WsServer
 
 #: A tail loop that has not turned for this long is wedged: stop petting the watchdog.

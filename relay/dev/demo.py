@@ -2,7 +2,7 @@
 
 1. A database: the one given with `--database-url` (migrated, login roles
    created or updated, nothing removed on exit), else a throwaway cluster from
-   the local server binaries (relay.embedded), else a testcontainers
+   the local server binaries (relay.dev.embedded), else a testcontainers
    container when a Docker engine answers. A throwaway database gets a
    non-superuser owner that applies the migrations, as on managed Postgres.
 2. Login roles: `pgrelay_dev_daemon` (member of relay_daemon) for the daemon,
@@ -46,13 +46,13 @@ import trio
 from psycopg.conninfo import conninfo_to_dict
 
 from relay import config, logs
-from relay.admin import Endpoint, Request, Response, Route
-from relay.auth import mint_token
-from relay.daemon import WS_PATH, Daemon
-from relay.embedded import EmbeddedPostgres, docker_answers, find_bindir, free_port
+from relay.db.migrate import migrate
+from relay.dev.embedded import EmbeddedPostgres, docker_answers, find_bindir, free_port
+from relay.dev.provision import ensure_login_roles, provision
 from relay.errors import RelayError
-from relay.migrate import migrate
-from relay.provision import ensure_login_roles, provision
+from relay.server.admin import Endpoint, Request, Response, Route
+from relay.server.app import WS_PATH, Daemon
+from relay.server.jwt import mint_token
 
 #: The organization the demo page and the printed commands use.
 DEMO_ORG: Final = "6f1c6f1c-0000-4000-8000-000000000001"
@@ -273,7 +273,7 @@ class DevRoutes:
         self.ws_port = ws_port
         self.origins = frozenset(origins)
         self.hosts = frozenset(o.split("://", 1)[1] for o in origins)
-        self.page = (resources.files("relay") / "static" / "demo.html").read_bytes()
+        self.page = (resources.files("relay.dev") / "static" / "demo.html").read_bytes()
         self.entity_ids = itertools.count(1)
 
     def routes(self) -> dict[str, Route]:
