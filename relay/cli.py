@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, PortUnavailable, RelayError, leaf
 
 
 def _database_url(arg: str | None) -> str:
@@ -34,14 +34,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from relay.server import sdnotify
     from relay.server.app import Daemon
 
+    # Logging first, with defaults: a bad setting is reported like any other line.
+    logs.configure()
+    log = structlog.get_logger("pgrelay")
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     deprecated: list[str] = []
-    settings = config.load(flags, os.environ, args.config, warn=deprecated.append)
+    try:
+        settings = config.load(flags, os.environ, args.config, warn=deprecated.append)
+    except ConfigError as exc:
+        log.error("cannot start: bad setting", error=str(exc), exit_status=2)
+        return 2
     logs.configure(settings.log_level, settings.log_format)
     for message in deprecated:
-        structlog.get_logger("pgrelay.config").warning("deprecated setting", detail=message)
-    daemon = Daemon(settings, notify=sdnotify.notify)
-    trio.run(daemon.run)
+        log.warning("deprecated setting", detail=message)
+    try:
+        daemon = Daemon(settings, notify=sdnotify.notify)
+        trio.run(daemon.run)
+    except BaseException as exc:
+        failure = leaf(exc, (ConfigError, PortUnavailable))
+        if failure is None:
+            raise
+        log.error("cannot start", error=str(failure), exit_status=2)
+        return 2
     return 0
 
 

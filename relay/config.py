@@ -22,7 +22,7 @@ from relay.core.session import SessionLimits
 from relay.core.subscription import CatchUpLimits
 from relay.errors import ConfigError
 from relay.server.admission import AdmissionLimits
-from relay.ws import WsLimits
+from relay.ws import OriginPolicy, WsLimits
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,13 @@ def _int_between(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError("must be a finite number > 0")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or value == float("inf"):
@@ -74,9 +81,7 @@ def _non_negative_float(text: str) -> float:
 
 def _origins(text: str) -> tuple[str, ...]:
     items = tuple(o.strip() for o in text.split(",") if o.strip())
-    for origin in items:
-        if not origin.startswith(("http://", "https://")) or origin.endswith("/"):
-            raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+    OriginPolicy(items)  # raises ValueError naming the first entry that is not an origin
     return items
 
 
@@ -127,6 +132,7 @@ class Settings:
     subscriber_role: str = "relay_subscriber"
     allowed_origins: tuple[str, ...] = ()
     poll_interval_ms: int = 1000
+    listener_probe_s: float = 5.0
     recheck_interval_s: float = 60.0
     auth_timeout_s: float = 10.0
     replay_limit: int = 10_000
@@ -184,8 +190,15 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "jwt_issuer": (_text, "required `iss` claim"),
     "jwt_leeway_s": (_non_negative_float, "clock-skew allowance for exp/nbf, seconds"),
     "subscriber_role": (_role_name, "role for per-client reads (Supabase: authenticated)"),
-    "allowed_origins": (_origins, "comma-separated allowed Origin values (empty: any)"),
+    "allowed_origins": (
+        _origins,
+        "comma-separated allowed origins; https://*.example.com allows its subdomains (empty: any)",
+    ),
     "poll_interval_ms": (_positive_int, "tail timer: fallback with the doorbell, poll without"),
+    "listener_probe_s": (
+        _positive_float,
+        "probe the LISTEN connection this often; no echo within as long again reconnects it",
+    ),
     "recheck_interval_s": (_non_negative_float, "re-authorize subscriptions this often"),
     "auth_timeout_s": (_non_negative_float, "close with 4002 when no valid auth arrives by then"),
     "replay_limit": (_positive_int, "max events a resume replays before resync"),

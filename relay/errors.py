@@ -3,6 +3,7 @@
     RelayError
     ├── ConfigError         a setting is missing or malformed (names the key)
     ├── MigrationError      `pgrelay migrate` refused or failed (says why)
+    ├── PortUnavailable     `pgrelay serve` cannot listen where it was told (exit 2)
     ├── DatabaseUnavailable the database cannot be reached right now
     └── ReadFailed          a read for a client (catch-up, recheck) failed; the
                             database error is its message and its __cause__
@@ -10,6 +11,12 @@
 A peer's junk (a bad frame, a bad token) is never an exception: the pure core
 turns it into a value (an error frame or a close code).
 """
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class RelayError(Exception):
@@ -24,9 +31,26 @@ class MigrationError(RelayError):
     """A migration was refused or failed; the message says what to do."""
 
 
+class PortUnavailable(RelayError):
+    """A listen address is taken or not allowed; restarting cannot help (exit 2)."""
+
+
 class DatabaseUnavailable(RelayError):
     """The database cannot be reached or refused the connection."""
 
 
 class ReadFailed(RelayError):
     """A read for a client could not be answered (the database failed or went away)."""
+
+
+def leaf(exc: BaseException, kinds: type[_E] | tuple[type[_E], ...]) -> _E | None:
+    """`exc` itself or the first exception of `kinds` inside it (trio nurseries wrap
+    what their tasks raise in exception groups)."""
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = leaf(inner, kinds)
+            if found is not None:
+                return found
+    return None

@@ -423,6 +423,7 @@ class Session:
             event_types=message.event_types,
             coalesce_ms=message.coalesce_ms,
             limits=self.limits.catch_up,
+            started_at=now,
         )
         self._subs[message.org] = sub
         # Follow first: the first read's snapshot is taken after it.

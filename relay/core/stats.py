@@ -7,6 +7,8 @@ when scraped (a custom collector), so they cost nothing in between.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from relay.core.codes import ResyncReason
 
 __all__ = ["Stats"]
@@ -20,6 +22,7 @@ class Stats:
         "catch_up_rounds",
         "catch_ups",
         "events_sent",
+        "on_catch_up",
         "outbox_overflows",
         "resyncs",
         "slow_closes",
@@ -40,3 +43,5 @@ class Stats:
         """Clients closed with 4008."""
         self.resyncs: dict[ResyncReason, int] = dict.fromkeys(ResyncReason, 0)
         """`resync` frames sent, by reason."""
+        self.on_catch_up: Callable[[float], object] = lambda _seconds: None
+        """Told how long each completed catch-up took (subscribe to `subscribed`)."""

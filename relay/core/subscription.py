@@ -226,6 +226,7 @@ class Subscription:
         "phase",
         "ref",
         "replayed",
+        "started_at",
     )
 
     def __init__(
@@ -237,6 +238,7 @@ class Subscription:
         event_types: Sequence[str] | None = None,
         coalesce_ms: int | None = None,
         limits: CatchUpLimits | None = None,
+        started_at: float = 0.0,
     ) -> None:
         self.ref = ref
         """The `ref` of the subscribe (echoed by `subscribed` and server unsubscribes)."""
@@ -249,6 +251,8 @@ class Subscription:
         self.coalescer = Coalescer(coalesce_ms / 1000) if coalesce_ms else None
         """The `coalesce_ms` window for live events, if asked for."""
         self.limits = limits or CatchUpLimits()
+        self.started_at = started_at
+        """When the subscribe arrived (for the catch-up's duration)."""
         self.phase = Phase.PENDING
         self.head: Snapshot | None = None
         """S of the current round (None while pending); live rows visible in it are dropped."""
@@ -465,8 +469,9 @@ class Subscription:
             self._held = []
         if not self.announced:
             self.announced = True
-            if isinstance(self.cursor, Cursor):
+            if isinstance(self.cursor, Cursor) and self.replayed:
                 out.stats.catch_ups += 1
+                out.stats.on_catch_up(now - self.started_at)
             out.control(encode_subscribed(self.ref, self.org, head_cursor, self.replayed), now)
 
     def _send_held(self, out: Output, now: float) -> bool:

@@ -171,3 +171,63 @@ def _apply(
             raise MigrationError(f"{m.name} failed and was rolled back: {diag}") from exc
         log(f"applied {m.name}")
     return MigrationResult(tuple(m.name for m in pending), len(applied_before))
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """How a database's relay schema compares with the migrations this pgrelay ships."""
+
+    applied: int | None
+    """The highest applied migration; None when there is no relay schema at all."""
+    shipped: int
+    """The highest migration this pgrelay ships."""
+    readable: bool = True
+    """False when the bookkeeping exists but this role may not read it (before 006)."""
+
+    @property
+    def missing(self) -> bool:
+        """No relay schema: `pgrelay migrate` has never run on this database."""
+        return self.applied is None and self.readable
+
+    @property
+    def behind(self) -> bool:
+        """Older than this pgrelay: run `pgrelay migrate`."""
+        return not self.readable or self.applied is None or self.applied < self.shipped
+
+    def describe(self) -> str:
+        """One line for an operator, naming the fix when there is one."""
+        shipped = f"{self.shipped:03d}"
+        if self.missing:
+            return (
+                f"the relay schema is missing: run `pgrelay migrate` (this pgrelay ships {shipped})"
+            )
+        if not self.readable:
+            return f"the relay schema is older than 006: run `pgrelay migrate` (to {shipped})"
+        assert self.applied is not None
+        if self.applied < self.shipped:
+            return (
+                f"the relay schema is behind: the database is at {self.applied:03d}, "
+                f"this pgrelay ships {shipped}: run `pgrelay migrate`"
+            )
+        if self.applied > self.shipped:
+            return (
+                f"the relay schema ({self.applied:03d}) is newer than this pgrelay ({shipped}): "
+                "upgrade pgrelay"
+            )
+        return f"the relay schema is current ({shipped})"
+
+
+def schema_state(conn: psycopg.Connection[tuple[object, ...]]) -> SchemaState:
+    """Read the applied migrations (any role that can see relay.schema_migrations;
+    the daemon's can since 006). Leaves the connection as it found it."""
+    shipped = load_migrations()[-1].version
+    found = conn.execute("SELECT to_regclass('relay.schema_migrations') IS NOT NULL").fetchone()
+    if not found or not found[0]:
+        return SchemaState(None, shipped)
+    try:
+        with conn.transaction():
+            row = conn.execute("SELECT max(version) FROM relay.schema_migrations").fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        return SchemaState(None, shipped, readable=False)
+    applied = row[0] if row else None
+    return SchemaState(int(str(applied)) if applied is not None else None, shipped)

@@ -19,6 +19,8 @@ from psycopg_pool import ConnectionPool
 
 #: A pooled connection is handed out within this, or the call fails.
 POOL_TIMEOUT_S = 10.0
+#: Closing the pool waits this long for its workers, then leaves them.
+CLOSE_TIMEOUT_S = 1.0
 #: Give up on an unreachable server after this (libpq connect_timeout).
 CONNECT_TIMEOUT_S = 5
 #: Detect a dead peer on an idle connection: keepalive probes after this idle
@@ -95,7 +97,11 @@ class Database:
         await trio.to_thread.run_sync(lambda: self.pool.open(wait=False))
 
     async def close(self) -> None:
-        await trio.to_thread.run_sync(lambda: self.pool.close(timeout=5), abandon_on_cancel=True)
+        """Close the pool; workers stuck connecting to an unreachable server are
+        left behind (daemon threads) rather than waited for."""
+        await trio.to_thread.run_sync(
+            lambda: self.pool.close(timeout=CLOSE_TIMEOUT_S), abandon_on_cancel=True
+        )
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(conn, *args, **kwargs)`` in a worker thread on a pooled connection."""
@@ -104,7 +110,9 @@ class Database:
             with self.pool.connection() as conn:
                 return fn(conn, *args, **kwargs)
 
-        return await trio.to_thread.run_sync(call, limiter=self.limiter)
+        # Abandoned when cancelled (a connection closing, a stop during start-up):
+        # the thread finishes on its own and gives its connection back.
+        return await trio.to_thread.run_sync(call, limiter=self.limiter, abandon_on_cancel=True)
 
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in a worker thread under the pool's limiter (for code

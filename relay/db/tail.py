@@ -1,10 +1,9 @@
-"""The live tail: exact, in commit order, gap-free (DESIGN.md, "The tail").
+"""The live tail: exact, in commit order, gap-free (docs/architecture.md).
 
 Two tasks:
-- the *listener* holds the dedicated LISTEN connection, waits on its socket
-  with ``trio.lowlevel.wait_readable``, drains every pending notification and
-  rings the doorbell; when the connection drops it reconnects with
-  exponential backoff and jitter, and rings once more after every reconnect;
+- the *listener* (`relay.db.listener`) holds the dedicated LISTEN connection,
+  rings the doorbell, proves with a probe that it still receives, and heals;
+  it rings once more after every reconnect;
 - the *tail loop* runs one step whenever the doorbell rings, and at the
   latest every ``poll_interval`` (the fallback timer, or the only trigger in
   poll mode, with the doorbell trigger disabled in SQL).
@@ -18,7 +17,6 @@ of a notification is ignored: anyone who can connect can NOTIFY.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Protocol
 
@@ -28,15 +26,12 @@ import trio
 
 from relay.core.cursor import Cursor, Snapshot, TailPosition
 from relay.core.protocol import EventRow
+from relay.db.listener import PROBE_INTERVAL_S, Backoff, Listener
+from relay.db.migrate import schema_state
 from relay.db.pool import Conn, Database, connect_listener
 from relay.db.reads import PAGE_ROWS, TailRead, current_snapshot, database_epoch
 from relay.server.metrics import Metrics
 
-CHANNEL = "relay_events"
-#: Listener reconnect backoff: first wait, cap, and the random share added.
-RECONNECT_INITIAL_S = 0.1
-RECONNECT_MAX_S = 10.0
-RECONNECT_JITTER = 0.5
 #: The database epoch is re-read at least this often (and after every reconnect).
 EPOCH_CHECK_INTERVAL_S = 10.0
 #: After a failed tail step, wait this long before the next try.
@@ -59,29 +54,6 @@ class Sink(Protocol):
         subscription must resync."""
 
 
-class Backoff:
-    """Exponential backoff with jitter; `reset` after a success."""
-
-    def __init__(
-        self,
-        initial_s: float = RECONNECT_INITIAL_S,
-        max_s: float = RECONNECT_MAX_S,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self.current_s = initial_s
-        self.rng = rng or random.Random()
-
-    def next(self) -> float:
-        wait = self.current_s * (1 + RECONNECT_JITTER * self.rng.random())
-        self.current_s = min(self.current_s * 2, self.max_s)
-        return min(wait, self.max_s)
-
-    def reset(self) -> None:
-        self.current_s = self.initial_s
-
-
 class Tailer:
     def __init__(
         self,
@@ -92,6 +64,7 @@ class Tailer:
         position: TailPosition,
         poll_interval_s: float,
         page_rows: int = PAGE_ROWS,
+        probe_interval_s: float = PROBE_INTERVAL_S,
         connect: Callable[[str, str], Conn] = connect_listener,
     ) -> None:
         self.db = db
@@ -99,86 +72,70 @@ class Tailer:
         self.metrics = metrics
         self.poll_interval_s = poll_interval_s
         self.page_rows = page_rows
-        self._connect = connect
         self._doorbell = trio.Event()
-        self.listening = False
+        self.listener = Listener(
+            db.database_url,
+            ring=self.ring,
+            metrics=metrics,
+            probe_interval_s=probe_interval_s,
+            connect=connect,
+        )
         self.position = position
         """Where the tail stands: epoch and the last step's snapshot (shared with the hub)."""
-        self._listener_conn: Conn | None = None
+        self._listen_generation = -1
         self._epoch_due = True
         self._epoch_checked_at = 0.0
         self.heartbeat_at = 0.0
         """trio time of the tail loop's last turn (the systemd watchdog checks it)."""
 
+    @property
+    def listening(self) -> bool:
+        """LISTEN is live and its last probe came back: ready to serve."""
+        return self.listener.listening and self.listener.healthy
+
     def ring(self) -> None:
         self._doorbell.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start order: LISTEN live, then the first snapshot, then `started()`."""
+        """Start order: LISTEN live, then the first snapshot, then `started()`.
+
+        While the database cannot be reached or has no relay schema, both keep
+        retrying with backoff and say why once per attempt (`/readyz` stays 503)."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self._listen)
+            await nursery.start(self.listener.run)
+            nursery.start_soon(self._epoch_after_reconnects)
             position = self.position
+            backoff = Backoff(initial_s=STEP_RETRY_S)
             while position.snapshot is None:
                 try:
                     position.epoch, position.snapshot = await self.db.run(_epoch_and_snapshot)
                 except psycopg.Error as exc:
-                    log.warning("first snapshot failed; retrying", error=str(exc))
-                    await trio.sleep(STEP_RETRY_S)
+                    wait = backoff.next()
+                    log.warning(
+                        "cannot take the first snapshot",
+                        error=str(exc).strip(),
+                        hint=await self._schema_hint(),
+                        retry_in_s=round(wait, 2),
+                    )
+                    await trio.sleep(wait)
             log.info("tail started", snapshot=str(position.snapshot))
             self.heartbeat_at = trio.current_time()
             task_status.started()
             await self._tail_loop()
 
-    # -- the listener -------------------------------------------------------
-    async def _listen(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        backoff = Backoff()
-        started = False
+    async def _epoch_after_reconnects(self) -> None:
+        """A reconnect may mean a failover: re-check the epoch on the next step."""
         while True:
-            try:
-                conn = await trio.to_thread.run_sync(
-                    self._connect, self.db.database_url, CHANNEL, abandon_on_cancel=True
-                )
-            except psycopg.Error as exc:
-                wait = backoff.next()
-                log.warning("listener cannot connect", error=str(exc).strip(), retry_in_s=wait)
-                await trio.sleep(wait)
-                continue
-            backoff.reset()
-            self._epoch_due = True  # a reconnect may mean a failover: re-check the epoch
-            self._listener_conn = conn
-            self.listening = True
-            self.metrics.listener_up.set(1)
-            if started:
-                self.metrics.listener_reconnects.inc()
-                log.info("listener reconnected")
-            self.ring()  # a full re-read from the last snapshot after every (re)connect
-            if not started:
-                started = True
-                task_status.started()
-            try:
-                await self._wait_for_notifications(conn)
-            except psycopg.Error as exc:
-                log.warning("listener connection lost", error=str(exc).strip())
-            finally:
-                self.listening = False
-                self._listener_conn = None
-                self.metrics.listener_up.set(0)
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(conn.close)
-            await trio.sleep(backoff.next())
+            await self.listener.reconnected.wait()
+            self._epoch_due = True
 
-    async def _wait_for_notifications(self, conn: Conn) -> None:
-        while True:
-            await trio.lowlevel.wait_readable(conn.fileno())
-            # Drain everything pending without blocking; raises when the
-            # connection is gone (the socket is readable at EOF too).
-            rang = sum(1 for _ in conn.notifies(timeout=0))
-            if conn.closed or conn.broken:
-                raise psycopg.OperationalError("listener connection closed")
-            if rang:
-                self.ring()
+    async def _schema_hint(self) -> str | None:
+        """Why the daemon's queries fail, when the schema is the reason."""
+        try:
+            state = await self.db.run(schema_state)
+        except psycopg.Error:
+            return None
+        return state.describe() if state.behind else None
 
     # -- the tail loop ------------------------------------------------------
     async def _tail_loop(self) -> None:

@@ -13,15 +13,26 @@ then holds its address (`enter`/`leave`) and, once authenticated, its subject
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
+
+from relay.server.metrics import Metrics
 from relay.ws import WsReject, WsRequest
 
 __all__ = ["Admission", "AdmissionLimits"]
 
 RETRY_AFTER_S = 5
 """What a client refused for capacity is told to wait."""
+REFUSAL_LOG_INTERVAL_S = 60.0
+"""Each cause of refusing connections is logged at most this often (all are counted)."""
+MAX_REFUSAL_CAUSES = 1000
+"""Causes remembered for rate limiting (forgotten all at once beyond: bounded memory)."""
+
+log = structlog.get_logger("pgrelay.admission")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,15 +48,53 @@ class AdmissionLimits:
 
 
 class Admission:
-    """Connection counts: total, per address, per subject, and whether stopping."""
+    """Connection counts: total, per address, per subject, and whether stopping;
+    and every refusal, counted by reason and logged (rate-limited)."""
 
-    def __init__(self, limits: AdmissionLimits | None = None) -> None:
+    def __init__(
+        self,
+        limits: AdmissionLimits | None = None,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.limits = limits or AdmissionLimits()
+        self.metrics = metrics or Metrics()
+        self.clock = clock
         self.stopping = False
         """Set when the daemon starts shutting down: new upgrades get 503."""
         self._per_ip: Counter[str] = Counter()
         self._per_user: Counter[str] = Counter()
         self._total = 0
+        self._logged_at: dict[tuple[str, str], float] = {}
+        self._suppressed: Counter[tuple[str, str]] = Counter()
+
+    def refused(self, reason: str, cause: str = "", **detail: object) -> None:
+        """A connection was refused for `reason` (`cause`: the particular problem,
+        e.g. which origin, which token check): count it; log the first one of each
+        (reason, cause), then at most one per REFUSAL_LOG_INTERVAL_S with how many
+        were not logged in between. Never log a token."""
+        self.metrics.rejected.labels(reason=reason).inc()
+        key = (reason, cause)
+        now = self.clock()
+        last = self._logged_at.get(key)
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL_S:
+            self._suppressed[key] += 1
+            return
+        if len(self._logged_at) > MAX_REFUSAL_CAUSES:
+            self._logged_at.clear()
+        self._logged_at[key] = now
+        log.info(
+            "connection refused",
+            reason=reason,
+            cause=cause or None,
+            not_logged_since=self._suppressed.pop(key, 0),
+            **detail,
+        )
+
+    def refused_upgrade(self, peer: tuple[str, int], reject: WsReject) -> None:
+        """`WsServer`'s refusal hook."""
+        self.refused(reject.reason, reject.message, peer=peer[0], status=reject.status)
 
     @property
     def connections(self) -> int:
@@ -55,11 +104,16 @@ class Admission:
     def refusal(self, request: WsRequest) -> WsReject | None:
         """Whether to refuse an upgrade request (None: let it in)."""
         if self.stopping:
-            return WsReject(503, "server shutting down")
+            return WsReject(503, "server shutting down", reason="stopping")
         if self._total >= self.limits.max_connections:
-            return WsReject(503, "too many connections", (("retry-after", str(RETRY_AFTER_S)),))
+            return WsReject(
+                503,
+                "too many connections",
+                (("retry-after", str(RETRY_AFTER_S)),),
+                reason="capacity",
+            )
         if self._per_ip[request.peer[0]] >= self.limits.max_connections_per_ip:
-            return WsReject(429, "too many connections from this address")
+            return WsReject(429, "too many connections from this address", reason="per_ip")
         return None
 
     def enter(self, address: str) -> None:

@@ -19,13 +19,15 @@ import psycopg
 import structlog
 import trio
 
-from relay.config import Settings
+from relay import __version__
+from relay.config import HostPort, Settings
 from relay.core.codes import CloseCode
 from relay.core.cursor import TailPosition
+from relay.db.migrate import SchemaState, schema_state
 from relay.db.pool import Database
 from relay.db.reads import SubscriberReads
 from relay.db.tail import Tailer
-from relay.errors import ConfigError
+from relay.errors import ConfigError, PortUnavailable
 from relay.server import sdnotify
 from relay.server.admin import Response, Route, serve_admin
 from relay.server.admission import Admission
@@ -88,7 +90,7 @@ class Daemon:
         self.hub = Hub(self.metrics, self.position, clock)
         self.db = Database(s.database_url, size=s.pool_size)
         self.scheduler = Scheduler(clock)
-        self.admission = Admission(s.admission_limits())
+        self.admission = Admission(s.admission_limits(), metrics=self.metrics)
         self.services = ConnectionServices(
             fanout=self.hub,
             scheduler=self.scheduler,
@@ -106,6 +108,7 @@ class Daemon:
             self.metrics,
             position=self.position,
             poll_interval_s=s.poll_interval_ms / 1000,
+            probe_interval_s=s.listener_probe_s,
         )
         self.ws_server = WsServer(
             self._handle,
@@ -113,6 +116,7 @@ class Daemon:
             path=WS_PATH,
             allowed_origins=s.allowed_origins,
             on_request=self.admission.refusal,
+            on_refused=self.admission.refused_upgrade,
         )
         self.connections: set[Connection] = set()
         self.ws_port = 0
@@ -185,37 +189,79 @@ class Daemon:
         hurry: AsyncIterator[int] | None,
         task_status: trio.TaskStatus[Daemon],
     ) -> None:
+        """Start in the order that keeps promises, stopping at once if told to
+        during start-up: ports bound (a taken port fails now, exit 2); the admin
+        endpoint up (/readyz 503 until ready); the database reached and its schema
+        found (retried with backoff, saying why); LISTEN live and the first
+        snapshot taken; then connections are accepted and systemd hears READY."""
         s = self.settings
-        await self.db.open()
+        serving = False
+        stop = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.tailer.run)
-                await nursery.start(self.scheduler.run)
-                nursery.start_soon(self._sample_stats)
+
+                async def watch_for_shutdown() -> None:
+                    await shutdown_trigger()
+                    stop.set()
+                    if not serving:
+                        log.info("stopping during start-up")
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch_for_shutdown)
                 routes: dict[str, Route] = {
                     **self.extra_admin_routes,
                     "/healthz": self._healthz,
                     "/readyz": self._readyz,
                     "/metrics": self._metrics,
                 }
-                self.admin_port = await nursery.start(serve_admin, s.admin_listen, routes)
-                self.ws_port = await nursery.start(
-                    self.ws_server.serve, s.listen.host, s.listen.port
+                self.admin_port = await _on_port(
+                    "PGRELAY_ADMIN_LISTEN",
+                    s.admin_listen,
+                    nursery.start(serve_admin, s.admin_listen, routes),
                 )
+                self.ws_port = await _on_port(
+                    "PGRELAY_LISTEN", s.listen, self.ws_server.bind(s.listen.host, s.listen.port)
+                )
+                await self.db.open()
+                await nursery.start(self.tailer.run)
+                await self._check_schema()
+                await nursery.start(self.scheduler.run)
+                nursery.start_soon(self._sample_stats)
+                await nursery.start(self.ws_server.serve)
                 log.info(
                     "serving",
                     websocket=f"ws://{s.listen.host}:{self.ws_port}{WS_PATH}",
                     admin=f"http://{s.admin_listen.host}:{self.admin_port}",
+                    version=__version__,
                 )
+                serving = True
                 self.notify("READY=1")
                 nursery.start_soon(partial(sdnotify.watchdog_loop, alive=self._alive))
                 task_status.started(self)
-                await shutdown_trigger()
+                await stop.wait()
                 await self._drain(hurry)
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self.db.close()
+
+    async def _check_schema(self) -> None:
+        """Say once, at start, whether the schema is behind (the daemon still runs:
+        migrations are additive); the gauges follow it afterwards."""
+        try:
+            state = await self.db.run(schema_state)
+        except psycopg.Error as exc:
+            log.warning("cannot read the schema version", error=str(exc).strip())
+            return
+        self._schema_gauges(state)
+        if state.behind:
+            log.warning("schema behind", hint=state.describe())
+        elif state.applied is not None and state.applied > state.shipped:
+            log.info("schema newer than this pgrelay", detail=state.describe())
+
+    def _schema_gauges(self, state: SchemaState) -> None:
+        self.metrics.schema_version.set(state.applied or 0)
+        self.metrics.schema_behind.set(1 if state.behind else 0)
 
     def _alive(self) -> bool:
         """For the systemd watchdog: the tail loop keeps turning."""
@@ -252,9 +298,21 @@ class Daemon:
                 usage, oldest_age_s = await self.db.run(_health_sample)
                 self.metrics.notification_queue_usage.set(usage)
                 self.metrics.oldest_event_age.set(oldest_age_s)
+                self._schema_gauges(await self.db.run(schema_state))
             except psycopg.Error:
                 pass  # the tail reports database trouble; these are only gauges
             await trio.sleep(STATS_INTERVAL_S)
+
+
+async def _on_port(setting: str, where: HostPort, binding: Awaitable[int]) -> int:
+    """Await a bind; a taken (or forbidden) address becomes PortUnavailable."""
+    try:
+        return await binding
+    except OSError as exc:
+        raise PortUnavailable(
+            f"cannot listen on {where} ({setting}): {exc.strerror or exc}; "
+            f"stop what holds it or choose another address with {setting}"
+        ) from exc
 
 
 async def _next_signal(signals: AsyncIterator[int]) -> None:

@@ -219,17 +219,16 @@ class Connection:
             verified = services.verifier.verify(token)
         except AuthError as exc:
             services.metrics.auth_failures.labels(reason=exc.reason).inc()
-            log.info("token rejected", connection_id=self.id, peer=self.peer, reason=exc.reason)
+            services.admission.refused(
+                "bad_token", exc.reason, connection_id=self.id, peer=self.peer
+            )
             self._apply(self.session.token_rejected(f"token rejected: {exc.reason}", self._now()))
             return
         if self.subject is None and verified.subject is not None:
             # First authentication: the per-user connection limit applies.
             if not services.admission.admit_user(verified.subject):
-                log.info(
-                    "too many connections for one user",
-                    connection_id=self.id,
-                    sub=verified.subject,
-                    peer=self.peer,
+                services.admission.refused(
+                    "per_user", connection_id=self.id, sub=verified.subject, peer=self.peer
                 )
                 refusal = encode_error(
                     None, ErrorCode.RATE_LIMITED, "too many connections for this user"

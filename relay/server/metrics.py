@@ -10,14 +10,32 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from relay import __version__
 from relay.core.stats import Stats
+
+#: The `_created` series of every counter and histogram is noise for pgrelay's
+#: users (process start time is in process_start_time_seconds).
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Commit-to-send latency: milliseconds matter, seconds are an incident.
 _LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# A catch-up: tens of milliseconds for a few thousand events, seconds for a slow reader.
+_CATCH_UP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+REJECT_REASONS = ("origin", "per_ip", "per_user", "capacity", "stopping", "bad_token", "handshake")
+"""Why a connection was refused (`pgrelay_connections_rejected_total{reason}`)."""
 
 
 class _StatsCollector(Collector):
@@ -66,6 +84,25 @@ class Metrics:
         """Per-frame counters, shared with every connection's output."""
         r = self.registry = CollectorRegistry(auto_describe=True)
         r.register(_StatsCollector(self.stats))
+        ProcessCollector(registry=r)  # resident memory, open fds, CPU, start time
+        build = Gauge("pgrelay_build_info", "pgrelay's version (always 1)", ["version"], registry=r)
+        build.labels(version=__version__).set(1)
+        self.rejected = Counter(
+            "pgrelay_connections_rejected",
+            "Connections refused, by reason (origin, per_ip, per_user, capacity, stopping, "
+            "bad_token, handshake)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
+        self.catch_up_seconds = Histogram(
+            "pgrelay_catch_up_seconds",
+            "A resume that replayed missed events: from the subscribe to `subscribed`",
+            buckets=_CATCH_UP_BUCKETS_S,
+            registry=r,
+        )
+        self.stats.on_catch_up = self.catch_up_seconds.observe
         self.connections = Gauge("pgrelay_connections", "Open WebSocket connections", registry=r)
         self.subscriptions = Gauge("pgrelay_subscriptions", "Subscriptions", registry=r)
         self.events_read = Counter("pgrelay_events_read", "Rows read by the live tail", registry=r)
@@ -82,6 +119,24 @@ class Metrics:
             "pgrelay_listener_reconnects", "Reconnects of the LISTEN connection", registry=r
         )
         self.listener_up = Gauge("pgrelay_listener_up", "1 while LISTEN is live", registry=r)
+        self.listener_healthy = Gauge(
+            "pgrelay_listener_healthy",
+            "1 while LISTEN is live and its last probe notification came back in time",
+            registry=r,
+        )
+        self.listener_probe_failures = Counter(
+            "pgrelay_listener_probe_failures",
+            "Probe notifications that did not come back in time (the listener was reconnected)",
+            registry=r,
+        )
+        self.schema_version = Gauge(
+            "pgrelay_schema_version", "The highest migration applied to the database", registry=r
+        )
+        self.schema_behind = Gauge(
+            "pgrelay_schema_behind",
+            "1 when the database's schema is older than this pgrelay: run pgrelay migrate",
+            registry=r,
+        )
         self.auth_failures = Counter(
             "pgrelay_auth_failures", "Rejected tokens", ["reason"], registry=r
         )

@@ -10,13 +10,15 @@ connection. Limits live in `WsLimits`.
 from relay.core.codes import CloseCode
 from relay.ws.connection import Handler, SendResult, WsConnection, WsState
 from relay.ws.frames import encode_binary_frame, encode_close_frame, encode_text_frame
-from relay.ws.handshake import WsReject, WsRequest
+from relay.ws.handshake import OriginPolicy, WsReject, WsRequest
 from relay.ws.limits import WsLimits
-from relay.ws.server import RequestHook, WsServer
+from relay.ws.server import RefusalHook, RequestHook, WsServer
 
 __all__ = [
     "CloseCode",
     "Handler",
+    "OriginPolicy",
+    "RefusalHook",
     "RequestHook",
     "SendResult",
     "WsConnection",

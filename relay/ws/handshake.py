@@ -11,13 +11,21 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import h11
 
-__all__ = ["WsReject", "WsRequest", "accept_response", "check_upgrade", "reject_response"]
+__all__ = [
+    "OriginPolicy",
+    "WsReject",
+    "WsRequest",
+    "accept_response",
+    "check_upgrade",
+    "reject_response",
+]
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _WS_VERSION = "13"
@@ -55,10 +63,61 @@ class WsReject:
     """Plain-text body; the status phrase when empty."""
     headers: tuple[tuple[str, str], ...] = ()
     """Extra response headers (e.g. `("retry-after", "5")`)."""
+    reason: str = "handshake"
+    """Why, for metrics and logs: `origin`, `capacity`, `per_ip`, `stopping`,
+    `handshake` (a malformed or non-WebSocket request)..."""
 
     def __post_init__(self) -> None:
         if not 400 <= self.status <= 599:
             raise ValueError(f"WsReject.status must be 4xx or 5xx, got {self.status}")
+
+
+_ORIGIN = re.compile(r"^(https?)://(\*\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)*)(:\d{1,5})?$")
+
+
+class OriginPolicy:
+    """Which browser origins may connect: exact origins (`https://app.example.com`)
+    and subdomain patterns (`https://*.example.com` matches any host under
+    example.com, at any depth, not example.com itself). Scheme and port must
+    match exactly; comparison ignores case. An empty policy allows every origin."""
+
+    __slots__ = ("_exact", "_suffixes")
+
+    def __init__(self, patterns: Collection[str] = ()) -> None:
+        """Raises ValueError naming the first pattern that is not an origin."""
+        self._exact: set[str] = set()
+        self._suffixes: list[tuple[str, str, str]] = []
+        for pattern in patterns:
+            match = _ORIGIN.match(pattern.lower())
+            if match is None:
+                raise ValueError(
+                    f"{pattern!r} is not an origin like https://app.example.com or "
+                    "https://*.example.com (a * may only stand for the leftmost labels)"
+                )
+            scheme, wildcard, host, port = match.groups()
+            if wildcard:
+                self._suffixes.append((scheme, "." + host, port or ""))
+            else:
+                self._exact.add(pattern.lower())
+
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._suffixes)
+
+    def allows(self, origin: str) -> bool:
+        """Whether a request with this `Origin` header may connect."""
+        if not self:
+            return True
+        origin = origin.lower()
+        if origin in self._exact:
+            return True
+        match = _ORIGIN.match(origin)
+        if match is None or match.group(2):
+            return False
+        scheme, _, host, port = match.groups()
+        return any(
+            scheme == s and host.endswith(suffix) and (port or "") == p
+            for s, suffix, p in self._suffixes
+        )
 
 
 def _first(headers: list[tuple[str, str]], name: str) -> str | None:
@@ -90,7 +149,7 @@ def check_upgrade(
     peer: tuple[str, int],
     *,
     path: str,
-    allowed_origins: Collection[str],
+    allowed_origins: OriginPolicy | Collection[str],
 ) -> WsRequest | WsReject:
     """Decide on a parsed request head: a `WsRequest` to upgrade, or why not.
 
@@ -120,10 +179,15 @@ def check_upgrade(
     keys = [v.strip() for k, v in headers if k == "sec-websocket-key"]
     if len(keys) != 1 or not _valid_key(keys[0]):
         return WsReject(400, "bad Sec-WebSocket-Key")
-    if allowed_origins:
-        origins = [v for k, v in headers if k == "origin"]
-        if any(origin not in allowed_origins for origin in origins):
-            return WsReject(403, "origin not allowed")
+    policy = (
+        allowed_origins
+        if isinstance(allowed_origins, OriginPolicy)
+        else OriginPolicy(allowed_origins)
+    )
+    if policy:
+        for origin in (v for k, v in headers if k == "origin"):
+            if not policy.allows(origin):
+                return WsReject(403, f"origin not allowed: {origin[:200]}", reason="origin")
     return WsRequest(
         path=path,  # == req_path; the server's string is shared by every request
         query=query,

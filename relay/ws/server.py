@@ -1,7 +1,8 @@
 """The listening side: accept, handshake, run one handler per connection, shut down.
 
     server = WsServer(handler, limits=WsLimits(), path="/v1")
-    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    port = await server.bind("127.0.0.1", 0)   # optional: fail early if the port is taken
+    await nursery.start(server.serve)           # binds here if `bind` was not called
     ...
     await server.shutdown(CloseCode.SERVICE_RESTART, "server restarting")
 
@@ -25,7 +26,14 @@ import trio
 
 from relay.core.codes import CloseCode
 from relay.ws.connection import ConnectionGroup, Handler, WsConnection
-from relay.ws.handshake import WsReject, WsRequest, accept_response, check_upgrade, reject_response
+from relay.ws.handshake import (
+    OriginPolicy,
+    WsReject,
+    WsRequest,
+    accept_response,
+    check_upgrade,
+    reject_response,
+)
 from relay.ws.limits import WsLimits
 from relay.ws.sockets import (
     ACCEPT_RESOURCE_ERRNOS,
@@ -38,13 +46,17 @@ from relay.ws.sockets import (
     send_all,
 )
 
-__all__ = ["RequestHook", "WsServer"]
+__all__ = ["RefusalHook", "RequestHook", "WsServer"]
 
 _log = structlog.get_logger("relay.ws")
 
 RequestHook = Callable[[WsRequest], WsReject | None]
 """Called with each checked upgrade request before the 101; return a
 `WsReject` to refuse it (503 not ready, 429 too many connections, 401...)."""
+
+RefusalHook = Callable[[tuple[str, int], WsReject], None]
+"""Called with the peer address and the refusal of every upgrade refused (for
+counting and logging); it must not raise."""
 
 ACCEPT_BATCH = 64
 """Connections accepted per wake-up before yielding to other tasks."""
@@ -63,16 +75,19 @@ class WsServer:
         path: str = "/v1",
         allowed_origins: Collection[str] = (),
         on_request: RequestHook | None = None,
+        on_refused: RefusalHook | None = None,
     ) -> None:
         """`path`: the only path upgraded (others get 404). `allowed_origins`:
-        when not empty, a request whose Origin header is not exactly one of
-        them gets 403 (no Origin header: allowed). `on_request`: see
-        `RequestHook`."""
+        when not empty, a request whose Origin header matches none of them gets
+        403 (no Origin header: allowed; see `OriginPolicy` for patterns).
+        `on_request`: see `RequestHook`; `on_refused`: see `RefusalHook`."""
         self._handler = handler
         self._limits = limits or WsLimits()
         self._path = path
-        self._allowed_origins = frozenset(allowed_origins)
+        self._origins = OriginPolicy(allowed_origins)
         self._on_request = on_request
+        self._on_refused = on_refused
+        self._listener: socket.socket | None = None
         self._connections: set[WsConnection] = set()
         self._group: ConnectionGroup | None = None
         self._port: int | None = None
@@ -91,19 +106,29 @@ class WsServer:
         """Upgraded connections not yet closed."""
         return len(self._connections)
 
+    async def bind(self, host: str, port: int) -> int:
+        """Bind and listen on host:port (port 0: any free port) without accepting
+        yet; returns the port. Raises OSError (EADDRINUSE...) at once, so that a
+        daemon can fail before it does anything else."""
+        if self._listener is None:
+            self._listener = await bind_listener(host, port, self._limits.accept_backlog)
+        return int(self._listener.getsockname()[1])
+
     async def serve(
         self,
-        host: str,
-        port: int,
+        host: str = "",
+        port: int = 0,
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on host:port (port 0: any free port), report the bound port
-        through `task_status`, and serve until `shutdown` or cancellation."""
+        """Accept on the socket `bind` made (or bind host:port now), report the
+        port through `task_status`, and serve until `shutdown` or cancellation."""
         if self._stopped is not None:
             raise RuntimeError("WsServer.serve runs once")
         self._stopped = trio.Event()
-        listener = await bind_listener(host, port, self._limits.accept_backlog)
+        await self.bind(host, port)
+        listener = self._listener
+        assert listener is not None
         try:
             self._port = int(listener.getsockname()[1])
             async with trio.open_nursery() as heartbeat:
@@ -181,7 +206,8 @@ class WsServer:
                     await self._run_connection(sock, request, trailing)
                     return
                 outcome = refusal
-            _log.debug("ws_upgrade_refused", peer=peer, status=outcome.status)
+            if self._on_refused is not None:
+                self._on_refused(peer, outcome)
             with trio.move_on_after(limits.close_timeout_s):
                 await send_all(sock, reject_response(outcome))
                 sock.shutdown(socket.SHUT_WR)
@@ -193,7 +219,7 @@ class WsServer:
 
     def _refusal(self, request: WsRequest) -> WsReject | None:
         if self._stopping:
-            return WsReject(503, "server shutting down")
+            return WsReject(503, "server shutting down", reason="stopping")
         if self._on_request is not None:
             try:
                 return self._on_request(request)
@@ -214,15 +240,13 @@ class WsServer:
             try:
                 event = parser.next_event()
             except h11.RemoteProtocolError as exc:
-                return WsReject(exc.error_status_hint, "bad request")
+                return WsReject(exc.error_status_hint, "bad request", reason="handshake")
             if event is h11.NEED_DATA:
                 parser.receive_data(await recv_some(sock, self._limits.receive_chunk_bytes))
                 continue
             if not isinstance(event, h11.Request):
                 return None
-            checked = check_upgrade(
-                event, peer, path=self._path, allowed_origins=self._allowed_origins
-            )
+            checked = check_upgrade(event, peer, path=self._path, allowed_origins=self._origins)
             if isinstance(checked, WsReject):
                 return checked
             return checked, parser.trailing_data[0]
@@ -240,7 +264,7 @@ class WsServer:
             await connection._run(self._handler)
         finally:
             self._connections.discard(connection)
-            _log.info(
+            _log.debug(
                 "ws_connection_closed",
                 peer=request.peer,
                 close_code=connection.close_code,
