@@ -23,10 +23,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-faults", action="store_true", help="no faults at all: a check of the harness"
     )
+    parser.add_argument(
+        "--relay-env",
+        action="append",
+        default=[],
+        metavar="PGRELAY_X=V",
+        help="a setting for both relays (repeatable), e.g. PGRELAY_MAX_PENDING_BYTES=524288",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the verdict as JSON to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the run directory on success")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
+    relay_env = {}
+    for item in args.relay_env:
+        key, eq, value = item.partition("=")
+        if not eq or not key.startswith("PGRELAY_"):
+            parser.error(f"--relay-env {item!r}: expected PGRELAY_NAME=VALUE")
+        relay_env[key] = value
     options = Options(
         seconds=args.seconds,
         clients=args.clients,
@@ -34,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         single_rate=args.rate,
         faults=not args.no_faults,
+        relay_env=relay_env,
         keep=args.keep,
         progress=not args.quiet,
     )

@@ -125,6 +125,7 @@ class SoakClient:
         self.log: list[tuple[float, int, str]] = []
         self.codes: Counter[str] = Counter()
         self.conn = 0
+        self.conn_events = 0
         self.seen_conn: set[int] = set()
         self.seen_all: set[int] = set()
         self.repeats_same_conn = 0
@@ -191,7 +192,7 @@ class SoakClient:
                 continue
             if outcome.kind == "closed":
                 code = outcome.code
-                self.note(f"closed {code}")
+                self.note(f"closed {code} after {self.conn_events} events")
                 if self.stopped_this_conn:
                     # Cut off after it stopped reading: 4008, or 1006 when the server
                     # could not even get its close frame through the full socket.
@@ -246,6 +247,7 @@ class SoakClient:
 
     async def _converse(self, ws: WebSocketConnection, url: str) -> Outcome:
         self.conn += 1
+        self.conn_events = 0
         self.url = url
         self.seen_conn = set()
         self.stopped_this_conn = False
@@ -300,7 +302,10 @@ class SoakClient:
             self._new_cursor(org, frame)
             self.subscribing.discard(org)
             self.live.add(org)
-            self.note(f"subscribed {org[-4:]} replayed={frame.get('replayed')}")
+            self.note(
+                f"subscribed {org[-4:]} replayed={frame.get('replayed')} "
+                f"after {self.conn_events} events on this connection"
+            )
             if all(self.first_subscribed[o] is not None for o in self.orgs):
                 self.ready.set()
         elif kind == "resync" and org in self.cursor:
@@ -341,6 +346,7 @@ class SoakClient:
         assert isinstance(org, str)
         self.ids[org].append(event_id)
         self.conns[org].append(self.conn)
+        self.conn_events += 1
         if event_id in self.seen_conn:
             self.repeats_same_conn += 1
             if len(self.repeat_examples) < MAX_EXAMPLES:

@@ -26,12 +26,13 @@ from tests.soak.relays import REPO, Relay
 from tests.soak.writer import Writer
 
 SECRET = "soak-secret-" + "s" * 40
-#: Settings of both relays (PGRELAY_*). B adds a short poll interval; A keeps the default.
+#: Settings of both relays (PGRELAY_*); the rest are the defaults. B adds a short poll
+#: interval; A keeps the default timer. Short leeway and slow-client timeout, so that
+#: expiring tokens and clients that stop reading are acted on within the run.
 RELAY_SETTINGS = {
     "PGRELAY_JWT_SECRET": SECRET,
     "PGRELAY_JWT_LEEWAY_S": "1",
     "PGRELAY_SLOW_CLIENT_TIMEOUT_S": "5",
-    "PGRELAY_MAX_PENDING_BYTES": "65536",
     "PGRELAY_LOG_FORMAT": "json",
     "PGRELAY_LOG_LEVEL": "info",
     "PGRELAY_SHUTDOWN_TIMEOUT_S": "3",
@@ -57,6 +58,8 @@ class Options:
     """How long the drain may take (default: 30 s + 10 % of the run, at most 120 s)."""
     faults: bool = True
     """False: no fault of any kind (a check of the harness itself)."""
+    relay_env: dict[str, str] = field(default_factory=dict)
+    """PGRELAY_* settings for both relays, over RELAY_SETTINGS."""
     keep: bool = False
     """Keep the run directory (logs, client records) even when the run passes."""
     progress: bool = True
@@ -108,7 +111,7 @@ async def _main(run: Run) -> Verdict:
 async def _soak(run: Run) -> Verdict:
     assert run.db is not None and run.server is not None
     plan, options, db = run.plan, run.options, run.db
-    env = RELAY_SETTINGS | {"PGRELAY_DATABASE_URL": db.dsn(DAEMON)}
+    env = RELAY_SETTINGS | options.relay_env | {"PGRELAY_DATABASE_URL": db.dsn(DAEMON)}
     run.relays = [
         Relay("A", env, run.rundir),
         Relay("B", env | {"PGRELAY_POLL_INTERVAL_MS": POLL_INTERVAL_B_MS}, run.rundir),
