@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: help venv postgres chromium run test lint migrate conformance bench clean
+.PHONY: help venv postgres chromium run test lint migrate conformance bench soak clean
 
 help:
 	@echo "make run      a throwaway relay with a demo page (pgrelay dev); Ctrl-C removes it"
@@ -15,6 +15,7 @@ help:
 	@echo "make lint     ruff + mypy"
 	@echo "make migrate  apply sql/ to \$$PGRELAY_DATABASE_URL (or libpq's PG* variables)"
 	@echo "make bench    the benchmark: writes bench/results/latest.json (about 2 minutes)"
+	@echo "make soak     the soak: two relays, faults, hundreds of clients (SOAK_SECONDS=300)"
 	@echo "make conformance  Autobahn|Testsuite against the WebSocket shell (needs Python 2.7)"
 
 $(STAMP):
@@ -65,6 +66,14 @@ conformance: venv
 bench: venv postgres
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python -m bench.run
+
+# The soak (tests/soak): two relays on a cluster of its own, a few hundred clients,
+# a writer and faults, judged against relay.events; prints one line, fails on a loss.
+# `make soak SOAK_SECONDS=1800` for longer; SOAK_ARGS='--seed 42 --json out.json'.
+SOAK_SECONDS ?= 300
+SOAK_ARGS ?=
+soak: venv postgres
+	$(BIN)/python -m tests.soak --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
