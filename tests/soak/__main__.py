@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="PGRELAY_X=V",
-        help="a setting for both relays (repeatable), e.g. PGRELAY_MAX_PENDING_BYTES=524288",
+        help="a setting for both relays (repeatable), e.g. PGRELAY_MAX_OUTBOX_BYTES=524288",
     )
     parser.add_argument("--json", metavar="FILE", help="write the verdict as JSON to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the run directory on success")

@@ -47,8 +47,8 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from relay.auth import mint_token
 from relay.core.cursor import BadCursor, Snapshot, decode_cursor
+from relay.server.jwt import mint_token
 
 CONNECT_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trio
 
-from relay.embedded import free_port
+from relay.dev.embedded import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 30.0

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from relay.embedded import find_bindir
+from relay.dev.embedded import find_bindir
 from tests.soak.runner import Options, run_soak
 
 SHORT_SECONDS = 60.0
