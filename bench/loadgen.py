@@ -16,8 +16,14 @@ commands are (name, args) tuples and each gets one reply. A worker also
 publishes its running count of received events in a shared array, so that
 an emitter can bound how far it runs ahead of delivery.
 
+Resumes (catchup_many): `open` with `hold` authenticates clients without
+subscribing; `resume` then subscribes every held client at once with a cursor
+(from `cursors`, taken by an earlier subscribe), times each from its
+`subscribe` to its `subscribed`, and keeps the replayed event frames (a slice
+each, no parse) so that exactness is checked after the clock stops.
+
 `BlockingClient` is the same client for one connection without a loop
-(the catch-up scenario).
+(the catch-up scenarios); its `replay` only walks frames.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ TS_RE = re.compile(rb'"ts": ?([0-9.eE+-]+)')
 EVENT_PREFIX = b'{"type":"event"'
 RECV_BYTES = 64 * 1024
 
-CONNECTING, HANDSHAKE, AUTH, SUBSCRIBING, LIVE, CLOSED = range(6)
+CONNECTING, HANDSHAKE, AUTH, SUBSCRIBING, LIVE, CLOSED, RESUMING = range(7)
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -81,13 +87,20 @@ def raise_nofile() -> None:
 
 class Conn:
     __slots__ = (
+        "allowed",
         "buf",
         "close_code",
         "cursor",
+        "done_arrived",
+        "done_read",
         "events",
         "fd",
+        "kept",
+        "notes",
         "org",
         "out",
+        "replayed",
+        "resume_sent",
         "sock",
         "state",
         "sub",
@@ -100,12 +113,22 @@ class Conn:
         self.sub = sub
         self.token = token
         self.org = org
+        self.allowed: str | None = None
+        """The org the token allows (a held client subscribes to it on `resume`)."""
         self.state = CONNECTING
         self.buf = b""
         self.out = b""
         self.events = 0
         self.cursor: str | None = None
         self.close_code: int | None = None
+        # A resume (Worker.start_resume): event frames kept unparsed, control frames
+        # other than `subscribed`, and the times (time.time()).
+        self.kept: list[bytes] | None = None
+        self.notes: list[str] = []
+        self.replayed: int | None = None
+        self.resume_sent = 0.0
+        self.done_arrived = 0.0
+        self.done_read = 0.0
 
 
 class Worker:
@@ -131,6 +154,9 @@ class Worker:
         self.sample_tick = 0
         self.batch_wait_s = 0.0
         self.opening: dict[str, Any] | None = None
+        self.resuming: dict[str, Any] | None = None
+        self.resumed_conns: list[Conn] = []
+        self.resumed_expect = 0
         self.live = 0
         self.request = upgrade_request(host, port)
 
@@ -165,6 +191,24 @@ class Worker:
             self.pipe.send((self.samples.tobytes(), self.app_samples.tobytes()))
             self.samples = array("d")
             self.app_samples = array("d")
+        elif name == "cursors":
+            self.pipe.send(
+                [
+                    [c.org, c.cursor]
+                    for c in self.conns.values()
+                    if c.state == LIVE and c.org is not None and c.cursor is not None
+                ]
+            )
+        elif name == "resume":
+            self.start_resume(args)
+            return True  # replied when done
+        elif name == "resume_check":
+            # After the clock stopped: check every replayed frame of the last resume.
+            out = [self.resume_result(c, self.resumed_expect) for c in self.resumed_conns]
+            for c in self.resumed_conns:
+                c.kept = None
+            self.resumed_conns = []
+            self.pipe.send({"clients": out})
         elif name == "close_all":
             for c in list(self.conns.values()):
                 self.close(c, None)
@@ -187,7 +231,9 @@ class Worker:
             "done": 0,
             "failed": 0,
             "org": args.get("org"),
+            "orgs": args.get("orgs"),
             "prefix": args.get("sub_prefix", "bench"),
+            "hold": bool(args.get("hold")),
             "concurrency": int(args.get("concurrency", 64)),
             "deadline": time.monotonic() + float(args.get("timeout_s", 60)),
             "t0": time.monotonic(),
@@ -204,13 +250,17 @@ class Worker:
             op["started"] += 1
             inflight += 1
             sub = f"{op['prefix']}-w{self.worker_id}-{i}"
-            orgs = [op["org"]] if op["org"] else []
-            token = op["mint"](self.secret, orgs=orgs, sub=sub, lifetime_s=3600)
+            # `orgs`: one org per client (the token allows it); `hold` with `org`
+            # None: authenticated, not subscribed.
+            org = op["orgs"][i] if op["orgs"] else op["org"]
+            subscribe = org if not op["hold"] else None
+            token = op["mint"](self.secret, orgs=[org] if org else [], sub=sub, lifetime_s=3600)
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            c = Conn(sock, sub, token, op["org"])
+            c = Conn(sock, sub, token, subscribe)
+            c.allowed = org
             err = sock.connect_ex((self.host, self.port))
             if err not in (0, errno.EINPROGRESS):
                 sock.close()
@@ -231,6 +281,87 @@ class Worker:
                 }
             )
             self.opening = None
+
+    def start_resume(self, args: dict[str, Any]) -> None:
+        """Subscribe held clients at once, one (org, cursor) of `plan` each."""
+        plan = args["plan"]
+        held: dict[str, list[Conn]] = {}
+        for c in self.conns.values():
+            if c.state == LIVE and c.org is None and c.allowed:
+                held.setdefault(c.allowed, []).append(c)
+        conns = []
+        for org, _cursor in plan:
+            if not held.get(org):
+                self.pipe.send({"error": f"no held client whose token allows {org}"})
+                return
+            conns.append(held[org].pop())
+        self.resuming = {
+            "conns": conns,
+            "done": 0,
+            "expect": int(args["expect_events"]),
+            "deadline": time.monotonic() + float(args.get("timeout_s", 60)),
+        }
+        for c, (org, cursor) in zip(conns, plan, strict=True):
+            c.org = org
+            c.state = RESUMING
+            c.events = 0
+            c.kept = []
+            msg = {"type": "subscribe", "ref": "r", "org": org, "cursor": cursor}
+            c.resume_sent = time.time()
+            self.send(c, client_frame(json.dumps(msg).encode()))
+
+    def pump_resume(self) -> None:
+        rs = self.resuming
+        if rs is None:
+            return
+        if rs["done"] < len(rs["conns"]) and time.monotonic() < rs["deadline"]:
+            return
+        self.resuming = None
+        self.resumed_conns = rs["conns"]
+        self.resumed_expect = rs["expect"]
+        self.pipe.send(
+            {
+                "clients": [
+                    {
+                        "sent": c.resume_sent,
+                        "arrived": c.done_arrived,
+                        "read": c.done_read,
+                        "replayed": c.replayed,
+                    }
+                    for c in rs["conns"]
+                ]
+            }
+        )
+
+    @staticmethod
+    def resume_result(c: Conn, expect: int) -> dict[str, Any]:
+        """One resumed client: its times, and whether it got exactly its org's
+        `expect` events (entity_id 0 .. expect-1, each once), then `subscribed`
+        with `replayed` = expect."""
+        problems = list(c.notes)
+        ids: list[int] = []
+        for frame in c.kept or []:
+            ev = json.loads(frame)
+            if ev.get("org") != c.org:
+                problems.append(f"event of org {ev.get('org')}")
+                break
+            ids.append(int(ev["entity_id"]))
+        if c.replayed is None:
+            problems.append(f"no subscribed (state {c.state}, close {c.close_code})")
+        elif c.replayed != expect:
+            problems.append(f"replayed {c.replayed}")
+        if len(ids) != expect or sorted(ids) != list(range(expect)):
+            problems.append(f"{len(ids)} events, {len(set(ids))} distinct entity ids")
+        return {
+            "org": c.org,
+            "sent": c.resume_sent,
+            "arrived": c.done_arrived,
+            "read": c.done_read,
+            "events": len(c.kept or ()),
+            "replayed": c.replayed,
+            "exact": not problems,
+            "problems": problems[:5],
+        }
 
     def opened(self, c: Conn) -> None:
         c.state = LIVE
@@ -278,6 +409,9 @@ class Worker:
     def close(self, c: Conn, code: int | None) -> None:
         if c.state == CLOSED:
             return
+        if c.state == RESUMING:
+            c.notes.append(f"closed {code}")
+            self.resumed(c)
         if c.state == LIVE:
             self.live -= 1
         elif self.opening is not None and c.state != CLOSED:
@@ -328,6 +462,7 @@ class Worker:
         app_samples = self.app_samples
         every = self.sample_every
         tick = self.sample_tick
+        kept = c.kept
         while n - off >= 2:
             ln = buf[off + 1] & 0x7F
             if ln < 126:
@@ -348,6 +483,8 @@ class Worker:
             op = buf[off] & 0x0F
             if op == 1 and buf.startswith(EVENT_PREFIX, h):
                 events += 1
+                if kept is not None:
+                    kept.append(buf[h:end])
                 tick += 1
                 if tick >= every:
                     tick = 0
@@ -357,7 +494,16 @@ class Worker:
                         samples.append(arrived - sent)
                         app_samples.append(now - sent)
             elif op == 1:
-                self.control(c, buf[h:end])
+                if c.state == RESUMING:
+                    # Frames before `subscribed` are the replay's: count them now.
+                    c.events += events
+                    self.events += events
+                    events = 0
+                    self.control(c, buf[h:end], arrived, now)
+                    if c.state != RESUMING:
+                        kept = None  # replay over; anything later is not counted
+                else:
+                    self.control(c, buf[h:end])
             elif op == 9:
                 self.send(c, client_frame(buf[h:end], 0xA))
             elif op == 8:
@@ -374,9 +520,25 @@ class Worker:
             self.events += events
             self.shared[self.worker_id] = self.events
 
-    def control(self, c: Conn, payload: bytes) -> None:
+    def resumed(self, c: Conn) -> None:
+        """A resuming client is done (`subscribed`, or closed); its kept frames stay
+        until the result is taken."""
+        if c.state == RESUMING:
+            c.state = LIVE
+            if self.resuming is not None:
+                self.resuming["done"] += 1
+
+    def control(self, c: Conn, payload: bytes, arrived: float = 0.0, now: float = 0.0) -> None:
         msg = json.loads(payload)
         kind = msg.get("type")
+        if c.state == RESUMING:
+            if kind == "subscribed":
+                c.done_arrived, c.done_read = arrived, now
+                c.replayed = msg.get("replayed")
+                c.cursor = msg.get("cursor")
+                self.resumed(c)
+                return
+            c.notes.append(f"{kind}: {payload[:200].decode(errors='replace')}")
         if kind == "ready":
             if c.state == AUTH:
                 if c.org:
@@ -411,7 +573,8 @@ class Worker:
         readable = self.readable
         while True:
             self.pump_open()
-            timeout = 0.02 if self.opening is not None else 1.0
+            self.pump_resume()
+            timeout = 0.02 if self.opening is not None or self.resuming is not None else 1.0
             ready = self.ep.poll(timeout, 512)
             for fd, ev in ready:
                 if fd == pipe_fd:
@@ -486,6 +649,59 @@ class BlockingClient:
                 self.sock.sendall(client_frame(payload, 0xA))
             elif op == 8:
                 raise ConnectionError(f"closed by the relay: {payload[:2].hex()}")
+
+    def replay(self, deadline: float) -> tuple[list[bytes], dict[str, Any], list[dict[str, Any]]]:
+        """Read until `subscribed` (or `deadline`, time.monotonic()): only walks
+        frames. Event frames are kept as unparsed slices (checked by the caller
+        after the clock stops); other text frames are parsed. Returns (event
+        frames, the `subscribed` message, other messages before it)."""
+        kept: list[bytes] = []
+        others: list[dict[str, Any]] = []
+        buf = self.buf
+        sock = self.sock
+        while True:
+            n = len(buf)
+            off = 0
+            while n - off >= 2:
+                ln = buf[off + 1] & 0x7F
+                if ln < 126:
+                    h = off + 2
+                elif ln == 126:
+                    if n - off < 4:
+                        break
+                    ln = (buf[off + 2] << 8) | buf[off + 3]
+                    h = off + 4
+                else:
+                    if n - off < 10:
+                        break
+                    ln = int.from_bytes(buf[off + 2 : off + 10], "big")
+                    h = off + 10
+                end = h + ln
+                if end > n:
+                    break
+                op = buf[off] & 0x0F
+                if op == 1 and buf.startswith(EVENT_PREFIX, h):
+                    kept.append(buf[h:end])
+                elif op == 1:
+                    msg = json.loads(buf[h:end])
+                    if msg.get("type") == "subscribed":
+                        self.buf = buf[end:]
+                        return kept, msg, others
+                    others.append(msg)
+                elif op == 9:
+                    sock.sendall(client_frame(buf[h:end], 0xA))
+                elif op == 8:
+                    raise ConnectionError(f"closed by the relay: {buf[h : h + 2].hex()}")
+                off = end
+            buf = buf[off:]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no subscribed: {len(kept)} events, others {others[:3]}")
+            sock.settimeout(left)
+            data = sock.recv(4 * RECV_BYTES)
+            if not data:
+                raise ConnectionError(f"closed by the relay after {len(kept)} events")
+            buf = buf + data if buf else data
 
     def expect(self, kind: str) -> dict[str, Any]:
         msg = self.recv()
