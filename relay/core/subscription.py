@@ -216,6 +216,7 @@ class Subscription:
         "_held",
         "_inflight",
         "_page",
+        "_round_left",
         "announced",
         "coalescer",
         "cursor",
@@ -267,6 +268,9 @@ class Subscription:
         self._page: deque[tuple[EventRow, str]] = deque()
         self._complete = False
         self._counted = 0
+        self._round_left: int | None = None
+        """Rows of this round not read yet, when the first read counted them
+        (saves the empty read that would otherwise end a round of full pages)."""
         self._held: list[_Held] | None = []
         """Live rows waiting for their turn; None while a chase drops them."""
         self._forced: ResyncReason | None = None
@@ -365,6 +369,7 @@ class Subscription:
                 plan = TOO_FAR_BEHIND
             else:
                 self._counted += page.count
+                self._round_left = page.count
         held = self._held
         if held:
             self._held = [h for h in held if not handed_over(head, h[0].xid)]
@@ -394,7 +399,10 @@ class Subscription:
         return None
 
     def _take(self, rows: list[EventRow], catch_up: CatchUp) -> None:
-        if len(rows) < self.limits.page_rows:
+        left = self._round_left
+        if left is not None:
+            left = self._round_left = left - len(rows)
+        if len(rows) < self.limits.page_rows or (left is not None and left <= 0):
             self._complete = True
         if rows:
             cursor = catch_up.cursor_before(rows[0].xid)
@@ -404,6 +412,7 @@ class Subscription:
     def _restart(self, reason: ResyncReason) -> CatchUpQuery:
         """Start over with a fresh snapshot and tell the client to resync."""
         self._forced = reason
+        self._round_left = None
         self._catch_up = None
         self._page.clear()
         self.phase = Phase.PENDING

@@ -119,6 +119,8 @@ class Daemon:
             on_refused=self.admission.refused_upgrade,
         )
         self.connections: set[Connection] = set()
+        self.serving = False
+        """Accepting connections (start-up done)."""
         self.ws_port = 0
         self.admin_port = 0
 
@@ -129,8 +131,10 @@ class Daemon:
     def _readyz(self) -> Response:
         if self.admission.stopping:
             return Response(503, b"shutting down\n")
+        if not self.serving:
+            return Response(503, b"starting: waiting for the database (see the log)\n")
         if not self.tailer.listening:
-            return Response(503, b"not ready: the database listener is down\n")
+            return Response(503, b"not ready: the database listener is down or deaf\n")
         return Response(200, b"ready\n")
 
     def _metrics(self) -> Response:
@@ -195,7 +199,6 @@ class Daemon:
         found (retried with backoff, saying why); LISTEN live and the first
         snapshot taken; then connections are accepted and systemd hears READY."""
         s = self.settings
-        serving = False
         stop = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
@@ -203,7 +206,7 @@ class Daemon:
                 async def watch_for_shutdown() -> None:
                     await shutdown_trigger()
                     stop.set()
-                    if not serving:
+                    if not self.serving:
                         log.info("stopping during start-up")
                         nursery.cancel_scope.cancel()
 
@@ -234,7 +237,7 @@ class Daemon:
                     admin=f"http://{s.admin_listen.host}:{self.admin_port}",
                     version=__version__,
                 )
-                serving = True
+                self.serving = True
                 self.notify("READY=1")
                 nursery.start_soon(partial(sdnotify.watchdog_loop, alive=self._alive))
                 task_status.started(self)

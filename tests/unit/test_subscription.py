@@ -127,6 +127,17 @@ def test_replay_cursors_resume_from_the_page_the_client_was_on() -> None:
     assert snapshot_of(str(subscribed_frame(h)["cursor"])) == h.table.snapshot()
 
 
+def test_a_replay_of_whole_pages_ends_without_an_empty_read() -> None:
+    h = Harness(limits=limits(page_rows=100))
+    resumed(h, 300)
+    reads = 0
+    while h.reads:
+        reads += h.answer(1)
+        h.pipe.read()
+    assert reads == 3  # the first read counted 300: no fourth, empty read
+    assert subscribed_frame(h)["replayed"] == 300
+
+
 def test_over_the_replay_limit_resyncs_too_far_behind() -> None:
     h = Harness(limits=limits(replay_limit=100))
     resumed(h, 101)
