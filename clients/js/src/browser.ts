@@ -1,0 +1,2 @@
+/** The browser bundle `pgrelay dev` serves: the core, tab sharing and invalidation. */
+export * from "./index.js";
