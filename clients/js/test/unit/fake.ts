@@ -94,9 +94,13 @@ export class FakeSocket implements WebSocketLike {
   onerror: ((ev: unknown) => void) | null = null;
   sent: Record<string, unknown>[] = [];
   closedByClient: { code?: number; reason?: string } | null = null;
+  /** Answer pings, as a live server does; false plays a dead network. */
+  autoPong = true;
   constructor(public url: string) {}
   send(data: string) {
-    this.sent.push(JSON.parse(data) as Record<string, unknown>);
+    const f = JSON.parse(data) as Record<string, unknown>;
+    this.sent.push(f);
+    if (f.type == "ping" && this.autoPong && !this.closedByClient) this.frame({ type: "pong", ref: f.ref });
   }
   close(code?: number, reason?: string) {
     this.closedByClient = { code, reason };
