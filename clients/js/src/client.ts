@@ -4,6 +4,7 @@
  */
 import {
   Machine,
+  mergeOptions,
   type Action,
   type Clock,
   type Input,
@@ -12,7 +13,7 @@ import {
   type Timing,
 } from "./machine.js";
 import type { EventFrame, ResyncReason } from "./protocol.js";
-import { clearPrefix, safeStorage, type CursorStorage } from "./storage.js";
+import { clearPrefix, memoryStorage, safeStorage, type CursorStorage } from "./storage.js";
 
 /** The part of the WebSocket API this client uses (the browser's, or Node's `ws`). */
 export interface WebSocketLike {
@@ -30,11 +31,14 @@ export interface Timers {
   clear(handle: unknown): void;
 }
 
+/** What the page tells the machine: visible or hidden, online or offline, woken up. */
+export type PageInput = Extract<Input, { type: "visible" | "online" | "wake" }>;
+
 /** Page lifecycle as the machine needs it; `browserPage()` reads window and document. */
 export interface PageEvents {
   visible(): boolean;
   online(): boolean;
-  listen(emit: (ev: "visible" | "hidden" | "online" | "offline" | "wake") => void): () => void;
+  listen(emit: (input: PageInput) => void): () => void;
 }
 
 export interface EventHandlers {
@@ -82,32 +86,38 @@ export function matchesType(globs: readonly string[] | null | undefined, type: s
   return (
     !globs ||
     globs.some((g) =>
-      new RegExp(
-        "^" + g.replace(/[.]/g, "\\.").replace(/\*/g, "[^.]+(\\.[^.]+)*") + "$",
-      ).test(type),
+      new RegExp("^" + g.replace(/[.]/g, "\\.").replace(/\*/g, "[^.]+(\\.[^.]+)*") + "$").test(
+        type,
+      ),
     )
   );
 }
 
 export function browserPage(): PageEvents | null {
-  if (typeof document == "undefined" || typeof window == "undefined") return null;
+  if (typeof document == "undefined") return null;
+  const on = (add: boolean, f: (e: Event) => void) => {
+    for (const t of ["visibilitychange", "resume"])
+      document[add ? "addEventListener" : "removeEventListener"](t, f);
+    for (const t of ["online", "offline", "pageshow"])
+      window[add ? "addEventListener" : "removeEventListener"](t, f);
+  };
   return {
-    visible: () => document.visibilityState != "hidden",
+    visible: () => !document.hidden,
     online: () => navigator.onLine !== false,
     listen(emit) {
-      const offs: (() => void)[] = [];
-      const on = (target: EventTarget, type: string, f: (e: Event) => void) => {
-        target.addEventListener(type, f);
-        offs.push(() => target.removeEventListener(type, f));
+      const f = (e: Event) => {
+        const t = e.type;
+        if (t != "pageshow" || (e as PageTransitionEvent).persisted)
+          emit(
+            t == "visibilitychange"
+              ? { type: "visible", visible: !document.hidden }
+              : t == "online" || t == "offline"
+                ? { type: "online", online: t == "online" }
+                : { type: "wake" }, // back from the bfcache, or a frozen page resumed
+          );
       };
-      on(document, "visibilitychange", () =>
-        emit(document.visibilityState == "hidden" ? "hidden" : "visible"),
-      );
-      on(window, "online", () => emit("online"));
-      on(window, "offline", () => emit("offline"));
-      on(window, "pageshow", (e) => (e as PageTransitionEvent).persisted && emit("wake"));
-      on(document, "resume", () => emit("wake"));
-      return () => offs.forEach((f) => f());
+      on(true, f);
+      return () => on(false, f);
     },
   };
 }
@@ -146,9 +156,9 @@ export class RelayClient implements Relay {
   #queue: Input[] = [];
   #running = false;
   #unlisten: () => void;
-  /** The tabs layer's hooks. */
-  onShare: ((data: string) => void) | null = null;
-  onPage: ((ev: "visible" | "hidden" | "online" | "offline" | "wake") => void) | null = null;
+  /** The tabs layer's hooks: every frame in and out of this tab's socket, page events, wants. */
+  tap: ((data: string, out: boolean) => void) | null = null;
+  onPage: ((input: PageInput) => void) | null = null;
   onWants: (() => void) | null = null;
 
   #o: RelayOptions;
@@ -177,16 +187,9 @@ export class RelayClient implements Relay {
     if (page) {
       if (!page.visible()) this.input({ type: "visible", visible: false });
       if (!page.online()) this.input({ type: "online", online: false });
-      this.#unlisten = page.listen((ev) => (this.onPage ?? this.pageEvent.bind(this))(ev));
+      this.#unlisten = page.listen((i) => (this.onPage ? this.onPage(i) : this.input(i)));
     }
     if (o.autoStart !== false) this.start();
-  }
-
-  /** A page event, as the machine takes it. */
-  pageEvent(ev: "visible" | "hidden" | "online" | "offline" | "wake"): void {
-    if (ev == "wake") this.input({ type: "wake" });
-    else if (ev == "visible" || ev == "hidden") this.input({ type: "visible", visible: ev == "visible" });
-    else this.input({ type: "online", online: ev == "online" });
   }
 
   subscribe(org: string, handlers: EventHandlers, options: SubOptions = {}): () => void {
@@ -202,23 +205,11 @@ export class RelayClient implements Relay {
 
   /** Every org this tab follows, with the options the server should get. */
   wants(): Record<string, SubOptions> {
-    const w: Record<string, SubOptions> = {};
-    for (const org of this.#listeners.keys()) {
-      const o = this.#options(org);
-      if (o) w[org] = o;
-    }
-    return w;
+    return Object.fromEntries([...this.#listeners.keys()].map((org) => [org, this.#options(org)!]));
   }
 
   #options(org: string): SubOptions | null {
-    const ls = [...(this.#listeners.get(org) ?? [])];
-    if (!ls.length) return null;
-    const all = ls.some((l) => !l.o.eventTypes);
-    const windows = ls.map((l) => l.o.coalesceMs ?? 0);
-    return {
-      eventTypes: all ? null : [...new Set(ls.flatMap((l) => l.o.eventTypes!))],
-      coalesceMs: Math.min(...windows) || null,
-    };
+    return mergeOptions([...(this.#listeners.get(org) ?? [])].map((l) => l.o));
   }
 
   #want(org: string): void {
@@ -292,9 +283,7 @@ export class RelayClient implements Relay {
       (l) => type === undefined || matchesType(l.o.eventTypes, type),
     );
     void Promise.all(
-      ls.map((l) =>
-        (async () => f(l.h))().catch((e: unknown) => this.#report(e)),
-      ),
+      ls.map((l) => (async () => f(l.h))().catch((e: unknown) => this.#report(e))),
     ).then(() => this.input({ type: "handled", org }));
   }
 
@@ -323,7 +312,11 @@ export class RelayClient implements Relay {
           const ws = (this.#ws = new W(this.#o.url));
           const mine = () => this.#wsConn == conn;
           ws.onopen = () => mine() && this.input({ type: "open", conn });
-          ws.onmessage = (e) => mine() && this.input({ type: "frame", conn, data: e.data });
+          ws.onmessage = (e) => {
+            if (!mine()) return;
+            this.tap?.(e.data as string, false);
+            this.input({ type: "frame", conn, data: e.data });
+          };
           ws.onclose = (e) => mine() && this.input({ type: "closed", conn, code: e.code });
           ws.onerror = () => {};
         } catch {
@@ -335,7 +328,9 @@ export class RelayClient implements Relay {
       case "send":
         if (this.#wsConn == a.conn && this.#ws)
           try {
-            this.#ws.send(JSON.stringify(a.frame));
+            const data = JSON.stringify(a.frame);
+            this.tap?.(data, true);
+            this.#ws.send(data);
           } catch {
             // not open: the close event (or the probe) takes it from here
           }
@@ -362,11 +357,15 @@ export class RelayClient implements Relay {
       case "resync":
         return this.#call(a.org, (h) => h.onResync?.(a.org, a.reason));
       case "persist":
-        return this.#storage.setItem(a.key, a.value);
+        try {
+          return this.#storage.setItem(a.key, a.value);
+        } catch {
+          // full, or private mode: keep cursors in memory from now on
+          (this.#storage = memoryStorage()).setItem(a.key, a.value);
+          return;
+        }
       case "clear":
         return clearPrefix(this.#storage, a.prefix);
-      case "share":
-        return this.onShare?.(a.data);
       case "status": {
         const s = (this.#snapshot = this.machine.status());
         this.#statusListeners.forEach((l) => l(s));

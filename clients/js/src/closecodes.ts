@@ -12,7 +12,10 @@
  * - `stop`: the client is broken; reconnecting would repeat it. Surface it
  *   (state `failed`), do not loop; `reconnect()` tries again by hand.
  */
-export type CloseRule = readonly [then: "backoff" | "now" | "restart" | "token" | "stop", why: string];
+export type CloseRule = readonly [
+  then: "backoff" | "now" | "restart" | "token" | "stop",
+  why: string,
+];
 
 export const CLOSE_CODES: Readonly<Record<number, CloseRule>> = {
   1003: ["stop", "binary frame"],

@@ -11,12 +11,14 @@ export {
   type RelayOptions,
   type EventHandlers,
   type PageEvents,
+  type PageInput,
   type Timers,
   type WebSocketClass,
   type WebSocketLike,
 } from "./client.js";
 export {
   Machine,
+  mergeOptions,
   TIMING,
   tokenSubject,
   type Action,
@@ -25,7 +27,6 @@ export {
   type Input,
   type OrgState,
   type OrgStatus,
-  type Role,
   type Status,
   type SubOptions,
   type Timing,

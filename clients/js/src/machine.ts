@@ -69,8 +69,6 @@ export const TIMING = {
   refreshMarginMs: 60_000,
   /** A token refresh that failed (not unauthorized) is retried after this. */
   tokenRetryMs: 5_000,
-  /** An org's subscribe answered `rate_limited` or `internal` is retried after this. */
-  resubscribeMs: 5_000,
   /** Event ids remembered per org to drop repeats. */
   dedupeWindow: 10_000,
 };
@@ -110,12 +108,8 @@ export interface Status {
   lastError: string | null;
   /** The last close code received. */
   closeCode: number | null;
-  /** solo: own socket; leader: the socket shared by this browser's tabs; follower: uses the leader's. */
-  role: Role;
   orgs: Record<string, OrgStatus>;
 }
-
-export type Role = "solo" | "leader" | "follower";
 
 /** What a subscription asks the server for. */
 export interface SubOptions {
@@ -132,7 +126,12 @@ export type Input =
   | { type: "stop" }
   | { type: "signOut" }
   | { type: "reconnect" }
-  | { type: "want"; org: string; who: "local" | "remote"; options: SubOptions | null }
+  | {
+      type: "want";
+      org: string;
+      who: "local" | "remote";
+      options: SubOptions | null;
+    }
   | { type: "token"; req: number; result: TokenResult }
   | { type: "open"; conn: number }
   | { type: "frame"; conn: number; data: unknown }
@@ -142,9 +141,8 @@ export type Input =
   | { type: "online"; online: boolean }
   | { type: "wake" }
   | { type: "handled"; org: string }
-  | { type: "role"; role: Role }
-  | { type: "remote"; data: string }
-  | { type: "remoteStatus"; status: Status; user: string | null };
+  /** Tab sharing: an org frame another tab's socket received (or `_org`, its subscription state). */
+  | { type: "remote"; data: string; user: string | null };
 
 export type Action =
   | { type: "token"; req: number }
@@ -155,8 +153,7 @@ export type Action =
   | { type: "resync"; org: string; reason: ResyncReason }
   | { type: "persist"; key: string; value: string }
   | { type: "clear"; prefix: string }
-  | { type: "status" }
-  | { type: "share"; data: string };
+  | { type: "status" };
 
 export interface MachineConfig extends Partial<Timing> {
   clock: Clock;
@@ -180,6 +177,13 @@ type Phase =
   | "unauthorized"
   | "failed";
 
+type RemoteState = {
+  type: "_org";
+  org: string;
+  state: OrgState;
+  why?: string | null;
+};
+
 type Item =
   | { k: "event"; e: EventFrame; replayed: boolean }
   | { k: "resync"; reason: ResyncReason; cursor: string }
@@ -194,9 +198,9 @@ interface Sub {
   live: boolean;
   replayed: number;
   resyncs: number;
-  blocked: string | null; // forbidden / error: not resubscribed until wanted again
+  /** forbidden or error: not resubscribed until the app subscribes again. */
+  blocked: string | null;
   blockedState: OrgState;
-  retryAt: number | null;
   /** The latest cursor received: where this page resumes while it lives. */
   cursor: string | null;
   loaded: boolean;
@@ -204,12 +208,8 @@ interface Sub {
   queue: Item[];
   busy: boolean;
   lagMs: number | null;
-  savedCursor: string | null;
-  savedIds: number[];
 }
 
-/** Ids saved with a cursor (handled since that cursor first came): a reload drops their repeats. */
-const SAVED_IDS = 100;
 const STORAGE_PREFIX = "pgrelay|";
 
 /** `sub` of a JWT, read without verifying (only to key the cursors by user). */
@@ -223,23 +223,28 @@ export function tokenSubject(token: string): string {
   }
 }
 
-function merge(a: SubOptions | null, b: SubOptions | null): SubOptions {
-  const all = [a, b].filter((o): o is SubOptions => !!o);
-  const types = all.some((o) => !o.eventTypes)
-    ? null
-    : [...new Set(all.flatMap((o) => o.eventTypes!))].sort();
-  const windows = all.map((o) => o.coalesceMs ?? 0);
-  const coalesceMs = windows.length && Math.min(...windows) > 0 ? Math.min(...windows) : null;
-  return { eventTypes: types, coalesceMs };
+/** What the server gets for several wishes on one org: the union of types, the least coalescing. */
+export function mergeOptions(list: (SubOptions | null)[]): SubOptions | null {
+  const all = list.filter((o): o is SubOptions => !!o);
+  return all.length
+    ? {
+        eventTypes: all.some((o) => !o.eventTypes)
+          ? null
+          : [...new Set(all.flatMap((o) => o.eventTypes!))].sort(),
+        coalesceMs: all.some((o) => !o.coalesceMs)
+          ? null
+          : Math.min(...all.map((o) => o.coalesceMs!)),
+      }
+    : null;
 }
 
 export class Machine {
-  #t: Timing;
-  #clock: Clock;
+  readonly #t: Timing;
+  readonly #c: MachineConfig;
+  readonly #clock: Clock;
   #out: Action[] = [];
   #phase: Phase = "idle";
   #started = false;
-  #role: Role = "solo";
   /** Bumped whenever a connection attempt starts or a socket goes away: tags tokens and sockets. */
   #gen = 0;
   /** Bumped by stop and sign-out: a token asked for before is never used. */
@@ -253,9 +258,8 @@ export class Machine {
   #user: string | null = null;
   /** The token the server refused (4001): getToken must give another. */
   #refused: string | null = null;
-  #expiresAt: number | null = null;
   #refreshAt: number | null = null;
-  #refreshWall: number | null = null;
+  #refreshWall = 0;
   #refreshing = false;
   #tokenReq: { id: number; gen: number; epoch: number } | null = null;
   #tokenIds = 0;
@@ -264,22 +268,18 @@ export class Machine {
   #lastRx = 0;
   #pingAt: number | null = null;
   #authAt: number | null = null;
-  #visible = true;
   #hiddenAt: number | null = null;
   #online = true;
   #tickMono: number;
   #tickWall: number;
   #refs = 0;
-  #subs = new Map<string, Sub>();
-  #remote: Status | null = null;
+  readonly #subs = new Map<string, Sub>();
   #statusKey = "";
+  #lagAt = -1e9;
   #lagDirty = false;
-  #lagAt = -Infinity;
-
-  #cfg: MachineConfig;
 
   constructor(cfg: MachineConfig) {
-    this.#cfg = cfg;
+    this.#c = cfg;
     this.#t = { ...TIMING };
     for (const k in TIMING) {
       const v = cfg[k as keyof Timing];
@@ -294,11 +294,11 @@ export class Machine {
   handle(input: Input): Action[] {
     this.#out = [];
     const now = this.#clock.now();
+    const p = this.#phase;
     switch (input.type) {
       case "start":
         this.#started = true;
-        if (this.#phase == "idle" || this.#phase == "failed" || this.#phase == "unauthorized")
-          this.#connectNow();
+        if (p == "idle" || p == "failed" || p == "unauthorized") this.#connectNow();
         break;
       case "reconnect":
         this.#started = true;
@@ -309,13 +309,19 @@ export class Machine {
         this.#connectNow();
         break;
       case "stop":
-        this.#halt("stopped");
-        break;
       case "signOut":
-        this.#halt("signed out");
-        this.#subs.clear();
-        this.#token = this.#user = this.#refused = null;
-        this.#out.push({ type: "clear", prefix: STORAGE_PREFIX + this.#cfg.endpoint + "|" });
+        this.#epoch++;
+        this.#started = this.#refreshing = false;
+        if (this.#hasSocket()) this.#dropSocket(1000, input.type);
+        this.#phase = "idle";
+        if (input.type == "signOut") {
+          this.#subs.clear();
+          this.#token = this.#user = this.#refused = null;
+          this.#out.push({
+            type: "clear",
+            prefix: STORAGE_PREFIX + this.#c.endpoint + "|",
+          });
+        }
         break;
       case "want":
         this.#want(input.org, input.who, input.options);
@@ -324,7 +330,7 @@ export class Machine {
         this.#onToken(input.req, input.result);
         break;
       case "open":
-        if (input.conn == this.#gen && this.#phase == "opening") {
+        if (input.conn == this.#gen && p == "opening") {
           this.#phase = "auth";
           this.#lastRx = now;
           this.#send({ type: "auth", token: this.#token! });
@@ -340,16 +346,15 @@ export class Machine {
         this.#onTick();
         break;
       case "visible":
-        if (input.visible == this.#visible) break;
-        this.#visible = input.visible;
+        if (input.visible == (this.#hiddenAt === null)) break;
         this.#hiddenAt = input.visible ? null : now;
         if (input.visible) this.#wake();
         break;
       case "online":
         this.#online = input.online;
         if (input.online) this.#wake();
-        else if (this.#phase == "backoff") this.#phase = "offline";
-        else if (this.#phase == "ready") this.#probe();
+        else if (p == "backoff") this.#phase = "offline";
+        else if (p == "ready") this.#probe();
         break;
       case "wake":
         this.#wake();
@@ -357,24 +362,17 @@ export class Machine {
       case "handled":
         this.#onHandled(input.org);
         break;
-      case "role":
-        this.#setRole(input.role);
-        break;
       case "remote":
-        if (this.#role == "follower") this.#onRemote(input.data);
-        break;
-      case "remoteStatus":
-        this.#remote = input.status;
-        if (input.user !== null && input.user != this.#user) {
-          for (const s of this.#subs.values()) this.#resetSub(s);
-          this.#user = input.user;
-        }
-        break;
+        this.#onRemote(input.data, input.user);
     }
-    const key = this.#key();
-    if (key != this.#statusKey || (this.#lagDirty && now - this.#lagAt >= 1000)) {
+    // Listeners hear of every change of state; lag and counts ride along, at most once a second.
+    const key = JSON.stringify(this.status(), (k, v: unknown) =>
+      k == "lagMs" || k == "replayed" ? undefined : v,
+    );
+    const lagDue = this.#lagDirty && now - this.#lagAt >= 1000;
+    if (key != this.#statusKey || lagDue) {
       this.#statusKey = key;
-      this.#lagDirty = false;
+      if (lagDue) this.#lagDirty = false;
       this.#lagAt = now;
       this.#out.push({ type: "status" });
     }
@@ -384,106 +382,94 @@ export class Machine {
   /** Monotonic time at which the shell should feed `tick`; null: no timer needed. */
   deadline(): number | null {
     const t = this.#t;
-    const d: (number | null)[] = [];
     const p = this.#phase;
-    if (this.#role == "follower" || (p != "backoff" && !this.#hasSocket() && p != "token")) return null;
-    d.push(this.#tickMono + t.tickMs);
-    if (p == "backoff") d.push(this.#retryAt);
+    if (p != "backoff" && p != "token" && !this.#hasSocket()) return null;
+    const d = [this.#tickMono + t.tickMs, p == "backoff" ? this.#retryAt : null];
     if (p == "opening" || p == "auth") d.push(this.#openedAt + t.connectTimeoutMs);
     if (p == "ready") {
-      d.push(this.#pingAt === null ? this.#lastRx + t.idlePingMs : this.#pingAt + t.probeTimeoutMs);
-      if (this.#authAt !== null) d.push(this.#authAt + t.probeTimeoutMs);
-      if (this.#hiddenAt !== null) d.push(this.#hiddenAt + t.hiddenGraceMs);
-      if (!this.#refreshing) d.push(this.#refreshAt);
-      for (const s of this.#subs.values()) d.push(s.retryAt);
+      d.push(
+        this.#pingAt === null ? this.#lastRx + t.idlePingMs : this.#pingAt + t.probeTimeoutMs,
+        this.#authAt === null ? null : this.#authAt + t.probeTimeoutMs,
+        this.#hiddenAt === null ? null : this.#hiddenAt + t.hiddenGraceMs,
+        this.#refreshing ? null : this.#refreshAt,
+      );
     }
-    const times = d.filter((x): x is number => x !== null);
-    return times.length ? Math.min(...times) : null;
+    return Math.min(...d.filter((x): x is number => x !== null));
   }
 
-  /** Whose cursors these are (the tabs layer tells followers). */
-  currentUser(): string | null {
+  /** Whose cursors these are: the user of the last token (or the configured one). */
+  get user(): string | null {
     return this.#user;
   }
 
   status(): Status {
-    const now = this.#clock.now();
     const orgs: Record<string, OrgStatus> = {};
-    for (const [org, s] of this.#subs) {
-      if (!s.local) continue;
-      orgs[org] = {
-        state: this.#orgState(s),
-        replayed: s.replayed,
-        lagMs: s.lagMs,
-        error: s.blocked,
-      };
-    }
-    if (this.#role == "follower") {
-      const r = this.#remote;
-      return {
-        state: r ? r.state : "connecting",
-        attempt: r ? r.attempt : 0,
-        retryAt: r ? r.retryAt : null,
-        lastError: r ? r.lastError : null,
-        closeCode: r ? r.closeCode : null,
-        role: "follower",
-        orgs,
-      };
-    }
+    for (const [org, s] of this.#subs)
+      if (s.local)
+        orgs[org] = {
+          state: s.blocked
+            ? s.blockedState
+            : s.resyncs
+              ? "resync"
+              : s.live
+                ? "live"
+                : s.ref
+                  ? "catching_up"
+                  : "pending",
+          replayed: s.replayed,
+          lagMs: s.lagMs,
+          error: s.blocked,
+        };
+    const p = this.#phase;
     return {
-      state: this.#publicState(),
+      state:
+        p == "ready"
+          ? "connected"
+          : p == "backoff"
+            ? this.#online
+              ? "reconnecting"
+              : "offline"
+            : p == "token" || p == "opening" || p == "auth"
+              ? this.#everConnected || this.#attempt
+                ? "reconnecting"
+                : "connecting"
+              : p,
       attempt: this.#attempt,
       retryAt:
-        this.#phase == "backoff" && this.#retryAt !== null
-          ? this.#clock.wall() + (this.#retryAt - now)
-          : null,
+        p == "backoff" ? Math.round(this.#clock.wall() + this.#retryAt! - this.#clock.now()) : null,
       lastError: this.#lastError,
       closeCode: this.#closeCode,
-      role: this.#role,
       orgs,
     };
   }
 
   // -- connecting ---------------------------------------------------------------------
 
-  #publicState(): ConnectionState {
-    switch (this.#phase) {
-      case "ready":
-        return "connected";
-      case "token":
-      case "opening":
-      case "auth":
-        return this.#everConnected || this.#attempt ? "reconnecting" : "connecting";
-      case "backoff":
-        return this.#online ? "reconnecting" : "offline";
-      default:
-        return this.#phase;
-    }
-  }
-
   #hasSocket(): boolean {
-    return this.#phase == "opening" || this.#phase == "auth" || this.#phase == "ready";
+    const p = this.#phase;
+    return p == "opening" || p == "auth" || p == "ready";
   }
 
   #connectNow(): void {
-    if (!this.#started || this.#role == "follower") return;
-    if (this.#phase == "token" || this.#hasSocket()) return;
+    if (!this.#started || this.#phase == "token" || this.#hasSocket()) return;
     if (!this.#online) {
       this.#phase = "offline";
       return;
     }
     this.#gen++;
     this.#phase = "token";
-    this.#retryAt = null;
     this.#requestToken();
   }
 
+  /** One getToken at a time; a stale one's result triggers the next request. */
   #requestToken(): void {
-    const r = this.#tokenReq;
-    if (r && r.gen == this.#gen && r.epoch == this.#epoch) return; // shared
-    if (r) return; // one at a time: the stale one's result triggers the next request
-    this.#tokenReq = { id: ++this.#tokenIds, gen: this.#gen, epoch: this.#epoch };
-    this.#out.push({ type: "token", req: this.#tokenReq.id });
+    if (this.#tokenReq) return;
+    this.#tokenReq = {
+      id: ++this.#tokenIds,
+      gen: this.#gen,
+      epoch: this.#epoch,
+    };
+    this.#out.push({ type: "token", req: this.#tokenIds });
   }
 
   #needsToken(): boolean {
@@ -500,46 +486,35 @@ export class Machine {
       return;
     }
     if (!this.#needsToken()) return;
+    const connecting = this.#phase == "token";
+    this.#refreshing = false;
     if ("error" in result) {
       const msg = "getToken failed: " + String((result.error as Error)?.message ?? result.error);
       if (result.unauthorized) return this.#unauthorized(msg);
       this.#lastError = msg;
-      if (this.#phase == "token") return this.#retryLater();
-      this.#refreshing = false;
+      if (connecting) return this.#retryLater();
       this.#refreshAt = this.#clock.now() + this.#t.tokenRetryMs;
       return;
     }
     const token = result.token;
-    if (!token) return this.#unauthorized("getToken returned no token");
-    if (token == this.#refused) return this.#unauthorized("getToken returned the refused token");
-    const user = this.#cfg.user ?? tokenSubject(token);
-    if (this.#phase == "token") {
-      this.#useToken(token, user);
-      return this.#open();
-    }
-    this.#refreshing = false;
-    if (user != this.#user) {
+    if (!token || token == this.#refused) return this.#unauthorized("getToken gave no new token");
+    const user = this.#c.user ?? tokenSubject(token);
+    if (!connecting) {
+      if (user == this.#user) {
+        this.#token = token;
+        this.#authAt = this.#clock.now();
+        return this.#send({ type: "auth", token });
+      }
       // The server refuses a refresh for another subject: reconnect as the new user.
       this.#dropSocket(1000, "user changed");
-      this.#useToken(token, user);
       this.#gen++;
-      return this.#open();
     }
-    this.#token = token;
-    this.#authAt = this.#clock.now();
-    this.#send({ type: "auth", token });
-  }
-
-  #useToken(token: string, user: string): void {
     this.#token = token;
     if (user != this.#user) {
       // Cursors and seen ids belong to a user: start over for another one.
       for (const s of this.#subs.values()) this.#resetSub(s);
       this.#user = user;
     }
-  }
-
-  #open(): void {
     this.#phase = "opening";
     this.#openedAt = this.#clock.now();
     this.#readyAt = null;
@@ -549,29 +524,19 @@ export class Machine {
   #unauthorized(why: string): void {
     if (this.#hasSocket()) this.#dropSocket(1000, "unauthorized");
     this.#phase = "unauthorized";
-    this.#refreshing = false;
     this.#lastError = why;
     this.#token = null;
-  }
-
-  #halt(why: string): void {
-    this.#epoch++;
-    this.#started = false;
-    if (this.#hasSocket()) this.#dropSocket(1000, why);
-    this.#phase = "idle";
-    this.#refreshing = false;
-    this.#retryAt = null;
   }
 
   /** Close our socket; its close event, when it comes, is ignored. */
   #dropSocket(code: number, reason: string): void {
     this.#out.push({ type: "close", conn: this.#gen, code, reason });
-    this.#gen++;
     this.#afterSocket();
   }
 
   #afterSocket(): void {
-    this.#pingAt = this.#authAt = this.#expiresAt = this.#refreshAt = this.#refreshWall = null;
+    this.#gen++;
+    this.#pingAt = this.#authAt = this.#refreshAt = null;
     this.#refreshing = false;
     for (const s of this.#subs.values()) {
       s.ref = null;
@@ -580,40 +545,37 @@ export class Machine {
   }
 
   #retryLater(delay?: number): void {
-    this.#attempt++;
     const t = this.#t;
-    const ceiling = Math.min(t.backoffMaxMs, t.backoffBaseMs * 2 ** (this.#attempt - 1));
-    this.#retryAt = this.#clock.now() + (delay ?? this.#clock.random() * ceiling);
+    this.#attempt++;
+    this.#retryAt =
+      this.#clock.now() +
+      (delay ??
+        this.#clock.random() *
+          Math.min(t.backoffMaxMs, t.backoffBaseMs * 2 ** (this.#attempt - 1)));
     this.#phase = this.#online ? "backoff" : "offline";
   }
 
   #onClosed(code: number): void {
-    const now = this.#clock.now();
-    const wasReady = this.#readyAt !== null;
-    const stable = wasReady && now - this.#readyAt! >= this.#t.stableMs;
+    const t = this.#t;
+    const up = this.#readyAt !== null;
+    const stable = up && this.#clock.now() - this.#readyAt! >= t.stableMs;
     if (stable) this.#attempt = 0;
-    this.#gen++;
     this.#afterSocket();
     this.#phase = "idle";
     const [then, why] = closeRule(code);
     this.#closeCode = code;
     this.#lastError = `${why} (${code})`;
-    const t = this.#t;
-    switch (then) {
-      case "stop":
-        this.#phase = "failed";
-        return;
-      case "token":
-        this.#refused = this.#token;
-        this.#token = null;
-        return wasReady ? this.#connectNow() : this.#retryLater();
-      case "now":
-        return stable ? this.#connectNow() : this.#retryLater();
-      case "restart":
-        return this.#retryLater(t.restartMinMs + this.#clock.random() * (t.restartMaxMs - t.restartMinMs));
-      default:
-        return this.#retryLater();
-    }
+    if (then == "stop") this.#phase = "failed";
+    else if (then == "token") {
+      this.#refused = this.#token;
+      up ? this.#connectNow() : this.#retryLater();
+    } else if (then == "now" && stable) this.#connectNow();
+    else
+      this.#retryLater(
+        then == "restart"
+          ? t.restartMinMs + this.#clock.random() * (t.restartMaxMs - t.restartMinMs)
+          : undefined,
+      );
   }
 
   // -- connected ----------------------------------------------------------------------
@@ -627,83 +589,60 @@ export class Machine {
     this.#lastRx = now;
     this.#pingAt = null; // anything received after the ping proves the socket alive
     const f = parseServerFrame(data);
-    if (!f) return;
-    switch (f.type) {
-      case "ready": {
-        this.#authAt = null;
-        const wall = this.#clock.wall();
-        this.#expiresAt = f.expires_at * 1000;
-        const left = this.#expiresAt - wall;
-        const margin = Math.min(this.#t.refreshMarginMs, left / 2);
-        this.#refreshWall = this.#expiresAt - margin;
-        this.#refreshAt = now + Math.max(0, left - margin);
-        if (this.#phase == "auth") {
-          this.#phase = "ready";
-          this.#readyAt = now;
-          this.#everConnected = true;
-          this.#refused = null;
-          this.#lastError = null;
-          for (const [org, s] of this.#subs) this.#wire(org, s);
-        }
-        return;
+    if (f?.type == "ready") {
+      this.#authAt = null;
+      const left = f.expires_at * 1000 - this.#clock.wall();
+      const margin = Math.min(this.#t.refreshMarginMs, left / 2);
+      this.#refreshWall = f.expires_at * 1000 - margin;
+      this.#refreshAt = now + Math.max(0, left - margin);
+      if (this.#phase == "auth") {
+        this.#phase = "ready";
+        this.#readyAt = now;
+        this.#everConnected = true;
+        this.#refused = this.#lastError = null;
+        for (const [org, s] of this.#subs) this.#wire(org, s);
       }
-      case "error": {
-        for (const [org, s] of this.#subs) {
-          if (f.ref === null || s.ref != f.ref) continue;
+    } else if (f?.type == "error") {
+      for (const s of this.#subs.values())
+        if (f.ref !== null && s.ref == f.ref) {
+          // rate_limited, internal: subscribed again on the next tick; anything else is for the app
           s.ref = null;
-          if (f.code == "rate_limited" || f.code == "internal") {
-            s.retryAt = now + this.#t.resubscribeMs * (1 + this.#clock.random());
-          } else {
-            s.blocked = `${f.code}: ${f.message}`;
-            s.blockedState = f.code == "forbidden" ? "forbidden" : "error";
-          }
-          if (this.#role == "leader") this.#shareState(org, s);
+          if (f.code != "rate_limited" && f.code != "internal")
+            this.#block(s, f.code == "forbidden" ? "forbidden" : "error", f.code);
           return;
         }
-        this.#lastError = `server error ${f.code}: ${f.message}`;
-        return;
-      }
-      case "pong":
-        return;
-      default:
-        if (f.type == "subscribed" && this.#subs.get(f.org)?.ref != f.ref) return; // an older subscribe's
-        if (this.#role == "leader") this.#out.push({ type: "share", data: data as string });
-        this.#ingest(f);
+      this.#lastError = `server error ${f.code}: ${f.message}`;
+    } else if (
+      f &&
+      f.type != "pong" &&
+      (f.type != "subscribed" || this.#subs.get(f.org)?.ref == f.ref)
+    ) {
+      this.#ingest(f);
     }
   }
 
   #onTick(): void {
+    const t = this.#t;
     const now = this.#clock.now();
     const wall = this.#clock.wall();
-    const jumped = Math.abs(wall - this.#tickWall - (now - this.#tickMono)) > this.#t.clockJumpMs;
+    const jumped = Math.abs(wall - this.#tickWall - (now - this.#tickMono)) > t.clockJumpMs;
     this.#tickMono = now;
     this.#tickWall = wall;
-    if (this.#role == "follower") return;
     if (jumped) this.#wake(); // a sleep: the socket may be dead without a close event
-    const t = this.#t;
-    switch (this.#phase) {
-      case "backoff":
-        if (now >= this.#retryAt!) this.#connectNow();
-        return;
-      case "opening":
-      case "auth":
-        if (now - this.#openedAt >= t.connectTimeoutMs) {
-          this.#dropSocket(4000, "connect timeout");
-          this.#lastError = "no answer within " + t.connectTimeoutMs / 1000 + " s";
-          this.#retryLater();
-        }
-        return;
-      case "ready":
-        break;
-      default:
-        return;
+    const p = this.#phase;
+    if (p == "backoff" && now >= this.#retryAt!) return this.#connectNow();
+    if ((p == "opening" || p == "auth") && now - this.#openedAt >= t.connectTimeoutMs) {
+      this.#dropSocket(4000, "connect timeout");
+      this.#lastError = "connect timeout";
+      return this.#retryLater();
     }
+    if (p != "ready") return;
     if (
       (this.#pingAt !== null && now - this.#pingAt >= t.probeTimeoutMs) ||
       (this.#authAt !== null && now - this.#authAt >= t.probeTimeoutMs)
     ) {
       this.#dropSocket(4000, "no pong");
-      this.#lastError = "no answer to a ping within " + t.probeTimeoutMs / 1000 + " s";
+      this.#lastError = "no answer to a ping";
       this.#phase = "idle";
       return this.#connectNow();
     }
@@ -713,20 +652,15 @@ export class Machine {
       return;
     }
     if (this.#refreshDue()) this.#refresh();
-    if (this.#pingAt === null && this.#authAt === null && now - this.#lastRx >= t.idlePingMs)
-      this.#probe();
-    for (const [org, s] of this.#subs)
-      if (s.retryAt !== null && now >= s.retryAt) {
-        s.retryAt = null;
-        this.#wire(org, s);
-      }
+    else if (now - this.#lastRx >= t.idlePingMs) this.#probe();
+    for (const [org, s] of this.#subs) if (!s.ref) this.#wire(org, s);
   }
 
   #refreshDue(): boolean {
     return (
       !this.#refreshing &&
       this.#refreshAt !== null &&
-      (this.#clock.now() >= this.#refreshAt || this.#clock.wall() >= this.#refreshWall!)
+      (this.#clock.now() >= this.#refreshAt || this.#clock.wall() >= this.#refreshWall)
     );
   }
 
@@ -736,162 +670,105 @@ export class Machine {
   }
 
   #probe(): void {
-    if (this.#pingAt !== null || this.#authAt !== null) return;
+    if (this.#pingAt !== null || this.#authAt !== null || this.#refreshing) return;
     this.#pingAt = this.#clock.now();
     this.#send({ type: "ping", ref: "p" + ++this.#refs });
   }
 
   /** Back from hidden, offline, bfcache, frozen, or a sleep: connect now, or check the socket. */
   #wake(): void {
-    switch (this.#phase) {
-      case "backoff":
-      case "paused":
-      case "offline":
-        this.#phase = "idle";
-        return this.#connectNow();
-      case "ready":
-        // An expired token first: the in-band auth is then the probe (ready answers it).
-        if (this.#refreshDue()) return this.#refresh();
-        if (!this.#refreshing) this.#probe();
-    }
-  }
-
-  #setRole(role: Role): void {
-    if (role == this.#role) return;
-    this.#role = role;
-    if (role == "follower") {
-      if (this.#hasSocket()) this.#dropSocket(1000, "another tab leads");
-      this.#phase = "idle";
-      this.#remote = null;
-    } else {
-      for (const s of this.#subs.values()) s.loaded = false; // other tabs may have saved newer cursors
+    const p = this.#phase;
+    if (p == "backoff" || p == "paused" || p == "offline") {
       this.#phase = "idle";
       this.#connectNow();
     }
+    // An expired token first: the in-band auth is then the probe (ready answers it).
+    else if (p == "ready") this.#refreshDue() ? this.#refresh() : this.#probe();
   }
 
   // -- subscriptions and delivery -----------------------------------------------------
 
-  #newSub(): Sub {
-    return {
-      local: null,
-      remote: null,
-      ref: null,
-      live: false,
-      replayed: 0,
-      resyncs: 0,
-      blocked: null,
-      blockedState: "error",
-      retryAt: null,
-      cursor: null,
-      loaded: false,
-      seen: new Set(),
-      queue: [],
-      busy: false,
-      lagMs: null,
-      savedCursor: null,
-      savedIds: [],
-    };
-  }
-
   #resetSub(s: Sub): void {
-    s.cursor = s.savedCursor = null;
-    s.savedIds = [];
+    s.cursor = null;
     s.seen.clear();
     s.loaded = false;
-    s.queue = s.queue.filter((i) => i.k != "mark");
   }
 
   #want(org: string, who: "local" | "remote", options: SubOptions | null): void {
     let s = this.#subs.get(org);
     if (!s) {
       if (!options) return;
-      this.#subs.set(org, (s = this.#newSub()));
+      s = {
+        local: null,
+        remote: null,
+        ref: null,
+        live: false,
+        replayed: 0,
+        resyncs: 0,
+        blocked: null,
+        blockedState: "error",
+        cursor: null,
+        loaded: false,
+        seen: new Set(),
+        queue: [],
+        busy: false,
+        lagMs: null,
+      };
+      this.#subs.set(org, s);
     }
-    const before = JSON.stringify(merge(s.local, s.remote));
+    const before = JSON.stringify(mergeOptions([s.local, s.remote]));
     s[who] = options;
     if (who == "local") s.blocked = null;
     if (!s.local && !s.remote) {
       if (s.ref && this.#phase == "ready")
         this.#send({ type: "unsubscribe", ref: "u" + ++this.#refs, org });
       this.#subs.delete(org);
-      return;
-    }
-    if (s.ref && before == JSON.stringify(merge(s.local, s.remote))) {
-      if (who == "remote" && this.#role == "leader") this.#shareState(org, s);
-      return;
-    }
-    this.#wire(org, s);
+    } else if (!s.ref || before != JSON.stringify(mergeOptions([s.local, s.remote])))
+      this.#wire(org, s);
   }
 
   /** Send (or resend) the subscribe for an org, with its cursor. */
   #wire(org: string, s: Sub): void {
     if (this.#phase != "ready" || s.blocked) return;
-    if (!s.loaded && this.#user !== null) {
+    if (!s.loaded) {
       s.loaded = true;
-      try {
-        const rec = JSON.parse(this.#cfg.load(this.#storageKey(org)) ?? "null") as {
-          c: string;
-          i: number[];
-        } | null;
-        if (rec && typeof rec.c == "string") {
-          if (s.cursor === null) s.cursor = rec.c;
-          s.savedCursor = rec.c;
-          s.savedIds = Array.isArray(rec.i) ? rec.i.slice(-SAVED_IDS) : [];
-          for (const id of s.savedIds) this.#remember(s, id);
-        }
-      } catch {
-        // unreadable record: resume without it
-      }
+      s.cursor ??= this.#c.load(this.#key(org));
     }
-    const o = merge(s.local, s.remote);
+    const o = mergeOptions([s.local, s.remote])!;
     s.ref = "s" + ++this.#refs;
     s.live = false;
     s.replayed = 0;
-    const frame: ClientFrame = { type: "subscribe", ref: s.ref, org, cursor: s.cursor };
-    if (o.eventTypes) frame.event_types = o.eventTypes;
-    if (o.coalesceMs) frame.coalesce_ms = o.coalesceMs;
-    this.#send(frame);
-    if (this.#role == "leader") this.#shareState(org, s);
+    this.#send({
+      type: "subscribe",
+      ref: s.ref,
+      org,
+      cursor: s.cursor,
+      ...(o.eventTypes && { event_types: o.eventTypes }),
+      ...(o.coalesceMs && { coalesce_ms: o.coalesceMs }),
+    });
   }
 
-  /** Tell follower tabs where a subscription stands (they see frames, not our subscribes). */
-  #shareState(org: string, s: Sub): void {
-    const state = s.blocked ? s.blockedState : s.live ? "live" : "catching_up";
-    this.#out.push({ type: "share", data: JSON.stringify({ type: "_org", org, state, why: s.blocked }) });
+  #block(s: Sub, state: OrgState, why: string): void {
+    s.blocked = why;
+    s.blockedState = state;
   }
 
-  #onRemote(data: string): void {
-    let f: { type?: string; org?: string; state?: OrgState; why?: string | null };
-    try {
-      f = JSON.parse(data) as typeof f;
-    } catch {
-      return;
+  /** Tab sharing: a frame the leader tab's socket received, or where a subscription stands. */
+  #onRemote(data: string, user: string | null): void {
+    if (user !== null && user != this.#user) {
+      for (const s of this.#subs.values()) this.#resetSub(s);
+      this.#user = user;
     }
-    if (f.type != "_org") {
-      const frame = parseServerFrame(data);
-      if (frame && frame.type != "ready" && frame.type != "pong" && frame.type != "error")
-        this.#ingest(frame);
-      return;
-    }
-    const s = this.#subs.get(f.org!);
+    const f = JSON.parse(data) as OrgFrame | RemoteState;
+    const s = this.#subs.get(f.org);
+    if (f.type != "_org") return this.#ingest(f);
     if (!s) return;
-    if (f.state == "forbidden" || f.state == "error") {
-      s.blocked = f.why ?? f.state;
-      s.blockedState = f.state;
-    } else {
-      s.blocked = null;
-      s.ref = "remote";
-      if (f.state == "catching_up" && s.live) s.replayed = 0;
-      s.live = f.state == "live";
-    }
-  }
-
-  #orgState(s: Sub): OrgState {
-    if (s.blocked) return s.blockedState;
-    if (s.resyncs) return "resync";
-    if (s.live) return "live";
-    return s.ref ? "catching_up" : "pending";
+    if (f.state == "forbidden" || f.state == "error")
+      return this.#block(s, f.state, f.why ?? f.state);
+    s.blocked = null;
+    if (f.state == "catching_up") s.replayed = 0;
+    s.ref = "leader";
+    s.live = f.state == "live";
   }
 
   #remember(s: Sub, id: number): void {
@@ -902,34 +779,26 @@ export class Machine {
   #ingest(f: OrgFrame): void {
     const s = this.#subs.get(f.org);
     if (!s) return;
-    switch (f.type) {
-      case "event":
-        if (s.seen.has(f.id)) return; // a repeat of the batch in flight
-        this.#remember(s, f.id);
-        s.cursor = f.cursor;
-        if (!s.live) s.replayed++;
-        return this.#enqueue(f.org, s, { k: "event", e: f, replayed: !s.live });
-      case "subscribed":
-        s.cursor = f.cursor;
-        s.live = true;
-        s.replayed = f.replayed;
-        return this.#enqueue(f.org, s, { k: "mark", cursor: f.cursor });
-      case "resync":
-        s.cursor = f.cursor;
-        s.resyncs++;
-        return this.#enqueue(f.org, s, { k: "resync", reason: f.reason, cursor: f.cursor });
-      case "unsubscribed":
-        if (f.reason == "forbidden") {
-          s.ref = null;
-          s.blocked = "forbidden: membership revoked";
-          s.blockedState = "forbidden";
-        }
+    if (f.type == "event") {
+      if (s.seen.has(f.id)) return; // a repeat of the batch in flight
+      this.#remember(s, f.id);
+      s.cursor = f.cursor;
+      if (!s.live) s.replayed++;
+      s.queue.push({ k: "event", e: f, replayed: !s.live });
+    } else if (f.type == "subscribed") {
+      s.cursor = f.cursor;
+      s.live = true;
+      s.replayed = f.replayed;
+      s.queue.push({ k: "mark", cursor: f.cursor });
+    } else if (f.type == "resync") {
+      s.cursor = f.cursor;
+      s.resyncs++;
+      s.queue.push({ k: "resync", reason: f.reason, cursor: f.cursor });
+    } else if (f.reason == "forbidden") {
+      s.ref = null;
+      this.#block(s, "forbidden", "membership revoked");
     }
-  }
-
-  #enqueue(org: string, s: Sub, item: Item): void {
-    s.queue.push(item);
-    this.#pump(org, s);
+    this.#pump(f.org, s);
   }
 
   /** Hand the next item to the app, unless its handler is still busy. */
@@ -937,56 +806,44 @@ export class Machine {
     while (!s.busy && s.queue.length) {
       const it = s.queue[0]!;
       if (it.k == "mark" || !s.local) {
+        // nothing for this tab's app to do: a subscribed mark, or an org only other tabs follow
         s.queue.shift();
         if (it.k == "resync") s.resyncs--;
-        if (it.k == "mark") this.#save(org, s, it.cursor, null);
-        continue;
+        if (it.k == "mark") this.#save(org, s, it.cursor);
+      } else {
+        s.busy = true;
+        this.#out.push(
+          it.k == "event"
+            ? { type: "deliver", org, event: it.e, replayed: it.replayed }
+            : { type: "resync", org, reason: it.reason },
+        );
       }
-      s.busy = true;
-      this.#out.push(
-        it.k == "event"
-          ? { type: "deliver", org, event: it.e, replayed: it.replayed }
-          : { type: "resync", org, reason: it.reason },
-      );
     }
   }
 
   #onHandled(org: string): void {
     const s = this.#subs.get(org);
-    if (!s || !s.busy) return;
+    if (!s?.busy) return;
     s.busy = false;
     const it = s.queue.shift()!;
     if (it.k == "event") {
       s.lagMs = Math.max(0, this.#clock.wall() - Date.parse(it.e.created_at));
       this.#lagDirty = true;
-      this.#save(org, s, it.e.cursor, it.e.id);
+      this.#save(org, s, it.e.cursor);
     } else if (it.k == "resync") {
       s.resyncs--;
-      this.#save(org, s, it.cursor, null);
+      this.#save(org, s, it.cursor);
     }
     this.#pump(org, s);
   }
 
-  #storageKey(org: string): string {
-    return STORAGE_PREFIX + this.#cfg.endpoint + "|" + this.#user + "|" + org;
+  #key(org: string): string {
+    return STORAGE_PREFIX + this.#c.endpoint + "|" + this.#user + "|" + org;
   }
 
   /** Persist where to resume, now that everything before it was handled. */
-  #save(org: string, s: Sub, cursor: string, id: number | null): void {
-    if (!s.local || this.#user === null) return;
-    if (cursor != s.savedCursor) {
-      s.savedCursor = cursor;
-      s.savedIds = [];
-    }
-    if (id !== null) s.savedIds = [...s.savedIds.slice(1 - SAVED_IDS), id];
-    const value = JSON.stringify({ c: cursor, i: s.savedIds });
-    this.#out.push({ type: "persist", key: this.#storageKey(org), value });
-  }
-
-  /** What the status listeners care about (lag and counts ride along, unannounced). */
-  #key(): string {
-    const st = this.status();
-    const orgs = Object.entries(st.orgs).map(([o, x]) => o + x.state + x.error);
-    return [st.state, st.attempt, st.retryAt, st.lastError, st.role, ...orgs].join("|");
+  #save(org: string, s: Sub, cursor: string): void {
+    if (s.local && this.#user !== null)
+      this.#out.push({ type: "persist", key: this.#key(org), value: cursor });
   }
 }

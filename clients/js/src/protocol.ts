@@ -60,11 +60,7 @@ export interface SubscribedFrame {
   replayed: number;
 }
 export type ResyncReason =
-  | "cursor_expired"
-  | "too_far_behind"
-  | "overflow"
-  | "epoch_changed"
-  | "bad_cursor";
+  "cursor_expired" | "too_far_behind" | "overflow" | "epoch_changed" | "bad_cursor";
 /** "Refetch everything of this org"; the subscription stays live from `cursor`. */
 export interface ResyncFrame {
   type: "resync";

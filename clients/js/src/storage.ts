@@ -1,8 +1,8 @@
 /**
  * Where cursors are kept: the Web Storage API's shape, so `localStorage`
- * itself fits. `safeStorage` uses localStorage when it works and falls back to
- * memory for good the first time it throws (Safari private mode throws on
- * write; some browsers throw on merely reading `window.localStorage`).
+ * itself fits. `safeStorage` uses localStorage when it works and memory when
+ * it throws (Safari private mode throws on write; with cookies blocked,
+ * merely reading `window.localStorage` throws).
  */
 export interface CursorStorage {
   getItem(key: string): string | null;
@@ -25,35 +25,21 @@ export function memoryStorage(): CursorStorage {
   };
 }
 
-/** `primary` (default: localStorage) until it throws, then memory. */
-export function safeStorage(primary?: () => CursorStorage | undefined): CursorStorage {
-  const memory = memoryStorage();
-  let store: CursorStorage = memory;
+/**
+ * `primary` (default: localStorage) if a write to it works, else memory. The
+ * client also switches to memory for good if a later write throws (quota).
+ */
+export function safeStorage(primary?: () => CursorStorage): CursorStorage {
   try {
-    store = (primary ? primary() : globalThis.localStorage) ?? memory;
+    const s = primary ? primary() : localStorage;
+    s.setItem(PROBE, "1");
+    s.removeItem(PROBE);
+    return s;
   } catch {
-    // reading window.localStorage itself threw
+    return memoryStorage();
   }
-  const guard =
-    <A extends unknown[], R>(f: (s: CursorStorage, ...a: A) => R) =>
-    (...a: A): R => {
-      try {
-        return f(store, ...a);
-      } catch {
-        store = memory;
-        return f(store, ...a);
-      }
-    };
-  return {
-    getItem: guard((s, k: string) => s.getItem(k)),
-    setItem: guard((s, k: string, v: string) => s.setItem(k, v)),
-    removeItem: guard((s, k: string) => s.removeItem(k)),
-    get length() {
-      return guard((s) => s.length)();
-    },
-    key: guard((s, i: number) => s.key(i)),
-  };
 }
+const PROBE = "pgrelay|probe";
 
 /** Remove every key that starts with `prefix`. */
 export function clearPrefix(s: CursorStorage, prefix: string): void {

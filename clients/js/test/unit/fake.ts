@@ -10,6 +10,7 @@ import {
   type RelayClient,
   type RelayOptions,
   type PageEvents,
+  type PageInput,
   type WebSocketLike,
 } from "../../src/index.js";
 import { memoryStorage, type CursorStorage } from "../../src/storage.js";
@@ -100,7 +101,8 @@ export class FakeSocket implements WebSocketLike {
   send(data: string) {
     const f = JSON.parse(data) as Record<string, unknown>;
     this.sent.push(f);
-    if (f.type == "ping" && this.autoPong && !this.closedByClient) this.frame({ type: "pong", ref: f.ref });
+    if (f.type == "ping" && this.autoPong && !this.closedByClient)
+      this.frame({ type: "pong", ref: f.ref });
   }
   close(code?: number, reason?: string) {
     this.closedByClient = { code, reason };
@@ -124,11 +126,10 @@ export class FakeSocket implements WebSocketLike {
 export class FakePage implements PageEvents {
   isVisible = true;
   isOnline = true;
-  private emit: ((ev: "visible" | "hidden" | "online" | "offline" | "wake") => void) | null =
-    null;
+  private emit: ((input: PageInput) => void) | null = null;
   visible = () => this.isVisible;
   online = () => this.isOnline;
-  listen(emit: (ev: "visible" | "hidden" | "online" | "offline" | "wake") => void) {
+  listen(emit: (input: PageInput) => void) {
     this.emit = emit;
     return () => {
       this.emit = null;
@@ -137,7 +138,13 @@ export class FakePage implements PageEvents {
   fire(ev: "visible" | "hidden" | "online" | "offline" | "wake") {
     if (ev == "visible" || ev == "hidden") this.isVisible = ev == "visible";
     if (ev == "online" || ev == "offline") this.isOnline = ev == "online";
-    this.emit?.(ev);
+    this.emit?.(
+      ev == "wake"
+        ? { type: "wake" }
+        : ev == "visible" || ev == "hidden"
+          ? { type: "visible", visible: this.isVisible }
+          : { type: "online", online: this.isOnline },
+    );
   }
 }
 

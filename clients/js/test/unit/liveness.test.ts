@@ -167,7 +167,13 @@ test("per-org status: catching_up with replayed, then live; lag from created_at"
   assert.equal(org.state, "catching_up");
   assert.equal(org.replayed, 2);
   assert.equal(org.lagMs, 1_500);
-  s.frame({ type: "subscribed", ref: s.ofType("subscribe")[0]!.ref, org: ORG, cursor: "B", replayed: 2 });
+  s.frame({
+    type: "subscribed",
+    ref: s.ofType("subscribe")[0]!.ref,
+    org: ORG,
+    cursor: "B",
+    replayed: 2,
+  });
   await settle();
   org = r.relay.status().orgs[ORG]!;
   assert.equal(org.state, "live");
@@ -178,7 +184,12 @@ test("forbidden: the org is surfaced and not resubscribed; rate_limited is retri
   const r = rig();
   r.relay.subscribe(ORG, {});
   const s = await accept(r);
-  s.frame({ type: "error", ref: s.ofType("subscribe")[0]!.ref, code: "forbidden", message: "not a member" });
+  s.frame({
+    type: "error",
+    ref: s.ofType("subscribe")[0]!.ref,
+    code: "forbidden",
+    message: "not a member",
+  });
   assert.equal(r.relay.status().orgs[ORG]!.state, "forbidden");
   s.drop(1006);
   r.timers.advance(1_000);
@@ -188,7 +199,12 @@ test("forbidden: the org is surfaced and not resubscribed; rate_limited is retri
   const q = rig();
   q.relay.subscribe(ORG, {});
   const t = await accept(q);
-  t.frame({ type: "error", ref: t.ofType("subscribe")[0]!.ref, code: "rate_limited", message: "slow down" });
+  t.frame({
+    type: "error",
+    ref: t.ofType("subscribe")[0]!.ref,
+    code: "rate_limited",
+    message: "slow down",
+  });
   q.timers.advance(10_000);
   assert.equal(t.ofType("subscribe").length, 2);
 });

@@ -23,7 +23,11 @@ test("ahead of expires_at the token is refreshed in-band; the server's ready ans
   await settle();
   assert.equal(r.tokenCalls, 2);
   assert.deepEqual(s.sent.at(-1), { type: "auth", token: jwt("user-1", 2) });
-  s.frame({ type: "ready", connection_id: "c1", expires_at: Math.floor(r.clock.wallMs / 1000) + 600 });
+  s.frame({
+    type: "ready",
+    connection_id: "c1",
+    expires_at: Math.floor(r.clock.wallMs / 1000) + 600,
+  });
   r.timers.advance(10_000);
   assert.equal(r.sockets.length, 1, "the same socket");
   assert.equal(r.relay.status().state, "connected");
