@@ -36,8 +36,7 @@ export type PageInput = Extract<Input, { type: "visible" | "online" | "wake" }>;
 
 /** Page lifecycle as the machine needs it; `browserPage()` reads window and document. */
 export interface PageEvents {
-  visible(): boolean;
-  online(): boolean;
+  /** Emit the current state (when hidden or offline) at once, then every change; returns the stop. */
   listen(emit: (input: PageInput) => void): () => void;
 }
 
@@ -70,56 +69,47 @@ export interface RelayOptions extends Partial<Timing> {
   autoStart?: boolean;
 }
 
-/** Throw this from getToken when the user is signed out: the client stops in `unauthorized`. */
-export class UnauthorizedError extends Error {}
-
-function isUnauthorized(e: unknown): boolean {
-  const x = e as { status?: unknown; unauthorized?: unknown } | null;
-  return (
-    e instanceof UnauthorizedError ||
-    (!!x && (x.status === 401 || x.status === 403 || x.unauthorized === true))
-  );
+/** Throw this (or any error with status 401 or 403) from getToken when the user is signed out. */
+export class UnauthorizedError extends Error {
+  status = 401;
 }
+
+const isUnauthorized = (e: unknown) => [401, 403].includes((e as { status?: number })?.status!);
 
 /** `job.*` matches `job.updated` and `job.step.done`; `*` everything (the server's rule). */
 export function matchesType(globs: readonly string[] | null | undefined, type: string): boolean {
   return (
     !globs ||
     globs.some((g) =>
-      new RegExp("^" + g.replace(/[.]/g, "\\.").replace(/\*/g, "[^.]+(\\.[^.]+)*") + "$").test(
-        type,
-      ),
+      new RegExp("^" + g.replace(/[.]/g, "\\.").replace(/\*/g, ".+") + "$").test(type),
     )
   );
 }
 
+const PAGE_EVENTS = ["visibilitychange", "resume", "online", "offline", "pageshow"];
+
 export function browserPage(): PageEvents | null {
-  if (typeof document == "undefined") return null;
-  const on = (add: boolean, f: (e: Event) => void) => {
-    for (const t of ["visibilitychange", "resume"])
-      document[add ? "addEventListener" : "removeEventListener"](t, f);
-    for (const t of ["online", "offline", "pageshow"])
-      window[add ? "addEventListener" : "removeEventListener"](t, f);
-  };
-  return {
-    visible: () => !document.hidden,
-    online: () => navigator.onLine !== false,
-    listen(emit) {
-      const f = (e: Event) => {
-        const t = e.type;
-        if (t != "pageshow" || (e as PageTransitionEvent).persisted)
-          emit(
-            t == "visibilitychange"
-              ? { type: "visible", visible: !document.hidden }
-              : t == "online" || t == "offline"
-                ? { type: "online", online: t == "online" }
-                : { type: "wake" }, // back from the bfcache, or a frozen page resumed
-          );
+  return typeof document == "undefined"
+    ? null
+    : {
+        listen(emit) {
+          const f = (e: Event) => {
+            const t = e.type;
+            if (t != "pageshow" || (e as PageTransitionEvent).persisted)
+              emit(
+                t == "visibilitychange"
+                  ? { type: "visible", visible: !document.hidden }
+                  : t == "online" || t == "offline"
+                    ? { type: "online", online: t == "online" }
+                    : { type: "wake" }, // back from the bfcache, or a frozen page resumed
+              );
+          };
+          if (document.hidden) emit({ type: "visible", visible: false });
+          if (!navigator.onLine) emit({ type: "online", online: false });
+          PAGE_EVENTS.forEach((t) => addEventListener(t, f));
+          return () => PAGE_EVENTS.forEach((t) => removeEventListener(t, f));
+        },
       };
-      on(true, f);
-      return () => on(false, f);
-    },
-  };
 }
 
 interface Listener {
@@ -131,7 +121,7 @@ interface Listener {
 export interface Relay {
   /** Follow an org; returns the function that stops it. */
   subscribe(org: string, handlers: EventHandlers, options?: SubOptions): () => void;
-  /** The current status (the same object until it changes). */
+  /** The current status, read now (listeners hear of changes of state, not of lag). */
   status(): Status;
   onStatus(listener: (status: Status) => void): () => void;
   start(): void;
@@ -152,14 +142,9 @@ export class RelayClient implements Relay {
   #timer: unknown = null;
   #listeners = new Map<string, Set<Listener>>();
   #statusListeners = new Set<(s: Status) => void>();
-  #snapshot: Status;
   #queue: Input[] = [];
   #running = false;
   #unlisten: () => void;
-  /** The tabs layer's hooks: every frame in and out of this tab's socket, page events, wants. */
-  tap: ((data: string, out: boolean) => void) | null = null;
-  onPage: ((input: PageInput) => void) | null = null;
-  onWants: (() => void) | null = null;
 
   #o: RelayOptions;
 
@@ -181,14 +166,8 @@ export class RelayClient implements Relay {
       endpoint: o.url,
       load: (k) => this.#storage.getItem(k),
     });
-    this.#snapshot = this.machine.status();
     const page = o.page === undefined ? browserPage() : o.page;
-    this.#unlisten = () => {};
-    if (page) {
-      if (!page.visible()) this.input({ type: "visible", visible: false });
-      if (!page.online()) this.input({ type: "online", online: false });
-      this.#unlisten = page.listen((i) => (this.onPage ? this.onPage(i) : this.input(i)));
-    }
+    this.#unlisten = page ? page.listen((i) => this.input(i)) : () => {};
     if (o.autoStart !== false) this.start();
   }
 
@@ -203,11 +182,6 @@ export class RelayClient implements Relay {
     };
   }
 
-  /** Every org this tab follows, with the options the server should get. */
-  wants(): Record<string, SubOptions> {
-    return Object.fromEntries([...this.#listeners.keys()].map((org) => [org, this.#options(org)!]));
-  }
-
   #options(org: string): SubOptions | null {
     return mergeOptions([...(this.#listeners.get(org) ?? [])].map((l) => l.o));
   }
@@ -215,12 +189,11 @@ export class RelayClient implements Relay {
   #want(org: string): void {
     const options = this.#options(org);
     if (!options) this.#listeners.delete(org);
-    this.input({ type: "want", org, who: "local", options });
-    this.onWants?.();
+    this.input({ type: "want", org, options });
   }
 
   status(): Status {
-    return this.#snapshot;
+    return this.machine.status();
   }
 
   onStatus(listener: (s: Status) => void): () => void {
@@ -235,7 +208,8 @@ export class RelayClient implements Relay {
     this.input({ type: "stop" });
   }
   reconnect(): void {
-    this.input({ type: "reconnect" });
+    this.stop();
+    this.start();
   }
   signOut(): void {
     this.#listeners.clear();
@@ -312,11 +286,7 @@ export class RelayClient implements Relay {
           const ws = (this.#ws = new W(this.#o.url));
           const mine = () => this.#wsConn == conn;
           ws.onopen = () => mine() && this.input({ type: "open", conn });
-          ws.onmessage = (e) => {
-            if (!mine()) return;
-            this.tap?.(e.data as string, false);
-            this.input({ type: "frame", conn, data: e.data });
-          };
+          ws.onmessage = (e) => mine() && this.input({ type: "frame", conn, data: e.data });
           ws.onclose = (e) => mine() && this.input({ type: "closed", conn, code: e.code });
           ws.onerror = () => {};
         } catch {
@@ -328,9 +298,7 @@ export class RelayClient implements Relay {
       case "send":
         if (this.#wsConn == a.conn && this.#ws)
           try {
-            const data = JSON.stringify(a.frame);
-            this.tap?.(data, true);
-            this.#ws.send(data);
+            this.#ws.send(JSON.stringify(a.frame));
           } catch {
             // not open: the close event (or the probe) takes it from here
           }
@@ -367,7 +335,7 @@ export class RelayClient implements Relay {
       case "clear":
         return clearPrefix(this.#storage, a.prefix);
       case "status": {
-        const s = (this.#snapshot = this.machine.status());
+        const s = this.machine.status();
         this.#statusListeners.forEach((l) => l(s));
       }
     }

@@ -30,9 +30,9 @@ export const CLOSE_CODES: Readonly<Record<number, CloseRule>> = {
   4029: ["stop", "bad frames"],
 };
 
-/** Anything else (1000, 1001, 1006 when the network drops, ...). */
-export const DEFAULT_CLOSE_RULE: CloseRule = ["backoff", "connection lost"];
+/** The rule for a code; anything else (1000, 1001, 1006 when the network drops...) backs off. */
+export const closeRule = (code: number): CloseRule =>
+  CLOSE_CODES[code] ?? ["backoff", "connection lost"];
 
-export function closeRule(code: number): CloseRule {
-  return CLOSE_CODES[code] ?? DEFAULT_CLOSE_RULE;
-}
+/** `restart`: the reconnect waits a uniformly random time in this window (ms). */
+export const RESTART_WINDOW_MS = [500, 5_000] as const;

@@ -1,12 +1,13 @@
 /**
  * @pgrelay/client: the core. No dependencies; see README.md.
+ * Tab sharing (`/tabs`), invalidation (`/invalidate`) and the React, TanStack
+ * Query and SWR bindings are entry points of their own, outside the size budget.
  */
 export {
   createRelay,
   RelayClient,
   UnauthorizedError,
   browserPage,
-  matchesType,
   type Relay,
   type RelayOptions,
   type EventHandlers,
@@ -18,13 +19,12 @@ export {
 } from "./client.js";
 export {
   Machine,
-  mergeOptions,
   TIMING,
-  tokenSubject,
   type Action,
   type Clock,
   type ConnectionState,
   type Input,
+  type MachineConfig,
   type OrgState,
   type OrgStatus,
   type Status,
@@ -32,6 +32,6 @@ export {
   type Timing,
   type TokenResult,
 } from "./machine.js";
-export { CLOSE_CODES, DEFAULT_CLOSE_RULE, closeRule, type CloseRule } from "./closecodes.js";
+export { CLOSE_CODES, type CloseRule } from "./closecodes.js";
 export { memoryStorage, safeStorage, type CursorStorage } from "./storage.js";
-export * from "./protocol.js";
+export type * from "./protocol.js";

@@ -23,7 +23,7 @@
  *   ids (a resume repeats the batch in flight) are dropped.
  * - Close codes: closecodes.ts, one table.
  */
-import { closeRule } from "./closecodes.js";
+import { RESTART_WINDOW_MS, closeRule } from "./closecodes.js";
 import {
   parseServerFrame,
   type ClientFrame,
@@ -50,9 +50,6 @@ export const TIMING = {
   backoffMaxMs: 30_000,
   /** A connection up this long resets the backoff (and earns 1011/4008 an instant retry). */
   stableMs: 10_000,
-  /** After 1012 (server restarting): reconnect after a uniformly random delay in this range. */
-  restartMinMs: 500,
-  restartMaxMs: 5_000,
   /** Send an app-level ping when nothing was received for this long. */
   idlePingMs: 25_000,
   /** A ping (or an in-band auth) with nothing received back for this long: the socket is dead. */
@@ -61,16 +58,12 @@ export const TIMING = {
   connectTimeoutMs: 10_000,
   /** A page hidden this long closes its socket (battery); it resumes when visible. */
   hiddenGraceMs: 120_000,
-  /** Sample the clocks this often while active, to notice a sleep (clock jump). */
+  /** Sample the clocks this often while active: if the wall clock moved more than this
+   * beyond the monotonic one since the last sample, the machine slept (a clock jump).
+   * A failed token refresh is retried after this too. */
   tickMs: 5_000,
-  /** Wall and monotonic clocks disagreeing by more than this since the last sample: a jump. */
-  clockJumpMs: 5_000,
   /** Refresh the token this long before `expires_at` (at most half its remaining life). */
   refreshMarginMs: 60_000,
-  /** A token refresh that failed (not unauthorized) is retried after this. */
-  tokenRetryMs: 5_000,
-  /** Event ids remembered per org to drop repeats. */
-  dedupeWindow: 10_000,
 };
 export type Timing = typeof TIMING;
 
@@ -106,7 +99,7 @@ export interface Status {
   retryAt: number | null;
   /** The last failure, for humans; never contains a token. */
   lastError: string | null;
-  /** The last close code received. */
+  /** The last close code: received, or sent by this client (1000, or 4000 for a dead socket). */
   closeCode: number | null;
   orgs: Record<string, OrgStatus>;
 }
@@ -125,13 +118,7 @@ export type Input =
   | { type: "start" }
   | { type: "stop" }
   | { type: "signOut" }
-  | { type: "reconnect" }
-  | {
-      type: "want";
-      org: string;
-      who: "local" | "remote";
-      options: SubOptions | null;
-    }
+  | { type: "want"; org: string; options: SubOptions | null }
   | { type: "token"; req: number; result: TokenResult }
   | { type: "open"; conn: number }
   | { type: "frame"; conn: number; data: unknown }
@@ -140,9 +127,7 @@ export type Input =
   | { type: "visible"; visible: boolean }
   | { type: "online"; online: boolean }
   | { type: "wake" }
-  | { type: "handled"; org: string }
-  /** Tab sharing: an org frame another tab's socket received (or `_org`, its subscription state). */
-  | { type: "remote"; data: string; user: string | null };
+  | { type: "handled"; org: string };
 
 export type Action =
   | { type: "token"; req: number }
@@ -177,21 +162,13 @@ type Phase =
   | "unauthorized"
   | "failed";
 
-type RemoteState = {
-  type: "_org";
-  org: string;
-  state: OrgState;
-  why?: string | null;
-};
-
 type Item =
   | { k: "event"; e: EventFrame; replayed: boolean }
   | { k: "resync"; reason: ResyncReason; cursor: string }
   | { k: "mark"; cursor: string };
 
 interface Sub {
-  local: SubOptions | null;
-  remote: SubOptions | null;
+  options: SubOptions;
   /** The ref of our subscribe on the current connection; null when not sent. */
   ref: string | null;
   /** `subscribed` received on the current connection. */
@@ -200,7 +177,6 @@ interface Sub {
   resyncs: number;
   /** forbidden or error: not resubscribed until the app subscribes again. */
   blocked: string | null;
-  blockedState: OrgState;
   /** The latest cursor received: where this page resumes while it lives. */
   cursor: string | null;
   loaded: boolean;
@@ -211,6 +187,8 @@ interface Sub {
 }
 
 const STORAGE_PREFIX = "pgrelay|";
+/** Event ids remembered per org to drop repeats (the server's default replay limit). */
+const DEDUPE_WINDOW = 10_000;
 
 /** `sub` of a JWT, read without verifying (only to key the cursors by user). */
 export function tokenSubject(token: string): string {
@@ -230,7 +208,7 @@ export function mergeOptions(list: (SubOptions | null)[]): SubOptions | null {
     ? {
         eventTypes: all.some((o) => !o.eventTypes)
           ? null
-          : [...new Set(all.flatMap((o) => o.eventTypes!))].sort(),
+          : [...new Set(all.flatMap((o) => o.eventTypes!))],
         coalesceMs: all.some((o) => !o.coalesceMs)
           ? null
           : Math.min(...all.map((o) => o.coalesceMs!)),
@@ -239,8 +217,8 @@ export function mergeOptions(list: (SubOptions | null)[]): SubOptions | null {
 }
 
 export class Machine {
-  readonly #t: Timing;
-  readonly #c: MachineConfig;
+  /** The configuration, over the default timings. */
+  readonly #t: Timing & MachineConfig;
   readonly #clock: Clock;
   #out: Action[] = [];
   #phase: Phase = "idle";
@@ -250,7 +228,6 @@ export class Machine {
   /** Bumped by stop and sign-out: a token asked for before is never used. */
   #epoch = 0;
   #attempt = 0;
-  #everConnected = false;
   #retryAt: number | null = null;
   #lastError: string | null = null;
   #closeCode: number | null = null;
@@ -275,16 +252,9 @@ export class Machine {
   #refs = 0;
   readonly #subs = new Map<string, Sub>();
   #statusKey = "";
-  #lagAt = -1e9;
-  #lagDirty = false;
 
   constructor(cfg: MachineConfig) {
-    this.#c = cfg;
-    this.#t = { ...TIMING };
-    for (const k in TIMING) {
-      const v = cfg[k as keyof Timing];
-      if (v !== undefined) this.#t[k as keyof Timing] = v;
-    }
+    this.#t = { ...TIMING, ...cfg };
     this.#clock = cfg.clock;
     this.#tickMono = this.#clock.now();
     this.#tickWall = this.#clock.wall();
@@ -300,14 +270,6 @@ export class Machine {
         this.#started = true;
         if (p == "idle" || p == "failed" || p == "unauthorized") this.#connectNow();
         break;
-      case "reconnect":
-        this.#started = true;
-        this.#refused = null;
-        this.#attempt = 0;
-        if (this.#hasSocket()) this.#dropSocket(1000, "reconnect");
-        this.#phase = "idle";
-        this.#connectNow();
-        break;
       case "stop":
       case "signOut":
         this.#epoch++;
@@ -319,12 +281,12 @@ export class Machine {
           this.#token = this.#user = this.#refused = null;
           this.#out.push({
             type: "clear",
-            prefix: STORAGE_PREFIX + this.#c.endpoint + "|",
+            prefix: STORAGE_PREFIX + this.#t.endpoint + "|",
           });
         }
         break;
       case "want":
-        this.#want(input.org, input.who, input.options);
+        this.#want(input.org, input.options);
         break;
       case "token":
         this.#onToken(input.req, input.result);
@@ -362,18 +324,13 @@ export class Machine {
       case "handled":
         this.#onHandled(input.org);
         break;
-      case "remote":
-        this.#onRemote(input.data, input.user);
     }
-    // Listeners hear of every change of state; lag and counts ride along, at most once a second.
+    // Listeners hear of every change of state (lag and counts are read, not announced).
     const key = JSON.stringify(this.status(), (k, v: unknown) =>
       k == "lagMs" || k == "replayed" ? undefined : v,
     );
-    const lagDue = this.#lagDirty && now - this.#lagAt >= 1000;
-    if (key != this.#statusKey || lagDue) {
+    if (key != this.#statusKey) {
       this.#statusKey = key;
-      if (lagDue) this.#lagDirty = false;
-      this.#lagAt = now;
       this.#out.push({ type: "status" });
     }
     return this.#out;
@@ -397,29 +354,25 @@ export class Machine {
     return Math.min(...d.filter((x): x is number => x !== null));
   }
 
-  /** Whose cursors these are: the user of the last token (or the configured one). */
-  get user(): string | null {
-    return this.#user;
-  }
-
   status(): Status {
     const orgs: Record<string, OrgStatus> = {};
     for (const [org, s] of this.#subs)
-      if (s.local)
-        orgs[org] = {
-          state: s.blocked
-            ? s.blockedState
-            : s.resyncs
-              ? "resync"
-              : s.live
-                ? "live"
-                : s.ref
-                  ? "catching_up"
-                  : "pending",
-          replayed: s.replayed,
-          lagMs: s.lagMs,
-          error: s.blocked,
-        };
+      orgs[org] = {
+        state: s.blocked
+          ? s.blocked == "forbidden"
+            ? "forbidden"
+            : "error"
+          : s.resyncs
+            ? "resync"
+            : s.live
+              ? "live"
+              : s.ref
+                ? "catching_up"
+                : "pending",
+        replayed: s.replayed,
+        lagMs: s.lagMs,
+        error: s.blocked,
+      };
     const p = this.#phase;
     return {
       state:
@@ -430,7 +383,7 @@ export class Machine {
               ? "reconnecting"
               : "offline"
             : p == "token" || p == "opening" || p == "auth"
-              ? this.#everConnected || this.#attempt
+              ? this.#closeCode !== null || this.#attempt
                 ? "reconnecting"
                 : "connecting"
               : p,
@@ -489,16 +442,16 @@ export class Machine {
     const connecting = this.#phase == "token";
     this.#refreshing = false;
     if ("error" in result) {
-      const msg = "getToken failed: " + String((result.error as Error)?.message ?? result.error);
+      const msg = "getToken: " + String((result.error as Error)?.message ?? result.error);
       if (result.unauthorized) return this.#unauthorized(msg);
       this.#lastError = msg;
       if (connecting) return this.#retryLater();
-      this.#refreshAt = this.#clock.now() + this.#t.tokenRetryMs;
+      this.#refreshAt = this.#clock.now() + this.#t.tickMs;
       return;
     }
     const token = result.token;
-    if (!token || token == this.#refused) return this.#unauthorized("getToken gave no new token");
-    const user = this.#c.user ?? tokenSubject(token);
+    if (!token || token == this.#refused) return this.#unauthorized("no new token");
+    const user = this.#t.user ?? tokenSubject(token);
     if (!connecting) {
       if (user == this.#user) {
         this.#token = token;
@@ -531,6 +484,7 @@ export class Machine {
   /** Close our socket; its close event, when it comes, is ignored. */
   #dropSocket(code: number, reason: string): void {
     this.#out.push({ type: "close", conn: this.#gen, code, reason });
+    this.#closeCode = code;
     this.#afterSocket();
   }
 
@@ -573,7 +527,8 @@ export class Machine {
     else
       this.#retryLater(
         then == "restart"
-          ? t.restartMinMs + this.#clock.random() * (t.restartMaxMs - t.restartMinMs)
+          ? RESTART_WINDOW_MS[0] +
+              this.#clock.random() * (RESTART_WINDOW_MS[1] - RESTART_WINDOW_MS[0])
           : undefined,
       );
   }
@@ -598,7 +553,6 @@ export class Machine {
       if (this.#phase == "auth") {
         this.#phase = "ready";
         this.#readyAt = now;
-        this.#everConnected = true;
         this.#refused = this.#lastError = null;
         for (const [org, s] of this.#subs) this.#wire(org, s);
       }
@@ -607,11 +561,10 @@ export class Machine {
         if (f.ref !== null && s.ref == f.ref) {
           // rate_limited, internal: subscribed again on the next tick; anything else is for the app
           s.ref = null;
-          if (f.code != "rate_limited" && f.code != "internal")
-            this.#block(s, f.code == "forbidden" ? "forbidden" : "error", f.code);
+          if (f.code != "rate_limited" && f.code != "internal") s.blocked = f.code;
           return;
         }
-      this.#lastError = `server error ${f.code}: ${f.message}`;
+      this.#lastError = f.code + ": " + f.message;
     } else if (
       f &&
       f.type != "pong" &&
@@ -625,7 +578,7 @@ export class Machine {
     const t = this.#t;
     const now = this.#clock.now();
     const wall = this.#clock.wall();
-    const jumped = Math.abs(wall - this.#tickWall - (now - this.#tickMono)) > t.clockJumpMs;
+    const jumped = Math.abs(wall - this.#tickWall - (now - this.#tickMono)) > t.tickMs;
     this.#tickMono = now;
     this.#tickWall = wall;
     if (jumped) this.#wake(); // a sleep: the socket may be dead without a close event
@@ -642,7 +595,7 @@ export class Machine {
       (this.#authAt !== null && now - this.#authAt >= t.probeTimeoutMs)
     ) {
       this.#dropSocket(4000, "no pong");
-      this.#lastError = "no answer to a ping";
+      this.#lastError = "no pong";
       this.#phase = "idle";
       return this.#connectNow();
     }
@@ -694,37 +647,36 @@ export class Machine {
     s.loaded = false;
   }
 
-  #want(org: string, who: "local" | "remote", options: SubOptions | null): void {
+  #want(org: string, options: SubOptions | null): void {
     let s = this.#subs.get(org);
-    if (!s) {
-      if (!options) return;
-      s = {
-        local: null,
-        remote: null,
-        ref: null,
-        live: false,
-        replayed: 0,
-        resyncs: 0,
-        blocked: null,
-        blockedState: "error",
-        cursor: null,
-        loaded: false,
-        seen: new Set(),
-        queue: [],
-        busy: false,
-        lagMs: null,
-      };
-      this.#subs.set(org, s);
-    }
-    const before = JSON.stringify(mergeOptions([s.local, s.remote]));
-    s[who] = options;
-    if (who == "local") s.blocked = null;
-    if (!s.local && !s.remote) {
-      if (s.ref && this.#phase == "ready")
+    if (!options) {
+      if (s?.ref && this.#phase == "ready")
         this.#send({ type: "unsubscribe", ref: "u" + ++this.#refs, org });
       this.#subs.delete(org);
-    } else if (!s.ref || before != JSON.stringify(mergeOptions([s.local, s.remote])))
-      this.#wire(org, s);
+      return;
+    }
+    const same = JSON.stringify(options) == JSON.stringify(s?.options);
+    if (!s)
+      this.#subs.set(
+        org,
+        (s = {
+          options,
+          ref: null,
+          live: false,
+          replayed: 0,
+          resyncs: 0,
+          blocked: null,
+          cursor: null,
+          loaded: false,
+          seen: new Set(),
+          queue: [],
+          busy: false,
+          lagMs: null,
+        }),
+      );
+    s.options = options;
+    s.blocked = null;
+    if (!s.ref || !same) this.#wire(org, s);
   }
 
   /** Send (or resend) the subscribe for an org, with its cursor. */
@@ -732,9 +684,9 @@ export class Machine {
     if (this.#phase != "ready" || s.blocked) return;
     if (!s.loaded) {
       s.loaded = true;
-      s.cursor ??= this.#c.load(this.#key(org));
+      s.cursor ??= this.#t.load(this.#key(org));
     }
-    const o = mergeOptions([s.local, s.remote])!;
+    const o = s.options;
     s.ref = "s" + ++this.#refs;
     s.live = false;
     s.replayed = 0;
@@ -748,32 +700,9 @@ export class Machine {
     });
   }
 
-  #block(s: Sub, state: OrgState, why: string): void {
-    s.blocked = why;
-    s.blockedState = state;
-  }
-
-  /** Tab sharing: a frame the leader tab's socket received, or where a subscription stands. */
-  #onRemote(data: string, user: string | null): void {
-    if (user !== null && user != this.#user) {
-      for (const s of this.#subs.values()) this.#resetSub(s);
-      this.#user = user;
-    }
-    const f = JSON.parse(data) as OrgFrame | RemoteState;
-    const s = this.#subs.get(f.org);
-    if (f.type != "_org") return this.#ingest(f);
-    if (!s) return;
-    if (f.state == "forbidden" || f.state == "error")
-      return this.#block(s, f.state, f.why ?? f.state);
-    s.blocked = null;
-    if (f.state == "catching_up") s.replayed = 0;
-    s.ref = "leader";
-    s.live = f.state == "live";
-  }
-
   #remember(s: Sub, id: number): void {
     s.seen.add(id);
-    if (s.seen.size > this.#t.dedupeWindow) s.seen.delete(s.seen.values().next().value!);
+    if (s.seen.size > DEDUPE_WINDOW) s.seen.delete(s.seen.values().next().value!);
   }
 
   #ingest(f: OrgFrame): void {
@@ -796,7 +725,7 @@ export class Machine {
       s.queue.push({ k: "resync", reason: f.reason, cursor: f.cursor });
     } else if (f.reason == "forbidden") {
       s.ref = null;
-      this.#block(s, "forbidden", "membership revoked");
+      s.blocked = "forbidden";
     }
     this.#pump(f.org, s);
   }
@@ -805,11 +734,9 @@ export class Machine {
   #pump(org: string, s: Sub): void {
     while (!s.busy && s.queue.length) {
       const it = s.queue[0]!;
-      if (it.k == "mark" || !s.local) {
-        // nothing for this tab's app to do: a subscribed mark, or an org only other tabs follow
+      if (it.k == "mark") {
         s.queue.shift();
-        if (it.k == "resync") s.resyncs--;
-        if (it.k == "mark") this.#save(org, s, it.cursor);
+        this.#save(org, s, it.cursor);
       } else {
         s.busy = true;
         this.#out.push(
@@ -828,7 +755,6 @@ export class Machine {
     const it = s.queue.shift()!;
     if (it.k == "event") {
       s.lagMs = Math.max(0, this.#clock.wall() - Date.parse(it.e.created_at));
-      this.#lagDirty = true;
       this.#save(org, s, it.e.cursor);
     } else if (it.k == "resync") {
       s.resyncs--;
@@ -838,12 +764,12 @@ export class Machine {
   }
 
   #key(org: string): string {
-    return STORAGE_PREFIX + this.#c.endpoint + "|" + this.#user + "|" + org;
+    return STORAGE_PREFIX + this.#t.endpoint + "|" + this.#user + "|" + org;
   }
 
   /** Persist where to resume, now that everything before it was handled. */
   #save(org: string, s: Sub, cursor: string): void {
-    if (s.local && this.#user !== null)
+    if (this.#user !== null)
       this.#out.push({ type: "persist", key: this.#key(org), value: cursor });
   }
 }

@@ -102,24 +102,23 @@ export type ServerFrame =
 /** The frames that belong to one organization's subscription. */
 export type OrgFrame = EventFrame | SubscribedFrame | ResyncFrame | UnsubscribedFrame;
 
-/** The fields each server frame must carry; `id`, `expires_at` and `replayed` are numbers, the rest strings. */
+/** The fields this client relies on, per frame type; `id` and `expires_at` are numbers. */
 const REQUIRED: Record<ServerFrame["type"], string[]> = {
   ready: ["expires_at"],
-  event: ["org", "id", "event_type", "entity_type", "entity_id", "created_at", "cursor"],
-  subscribed: ["org", "cursor", "replayed"],
-  resync: ["org", "reason", "cursor"],
-  unsubscribed: ["org", "reason"],
+  event: ["org", "id", "cursor"],
+  subscribed: ["org", "cursor"],
+  resync: ["org", "cursor"],
+  unsubscribed: ["org"],
   pong: [],
   error: ["code"],
 };
-const NUMBERS = ["id", "expires_at", "replayed"];
 
 /** One server text frame, or null when it is not a v1 frame this client knows. */
 export function parseServerFrame(text: unknown): ServerFrame | null {
   try {
     const f = JSON.parse(text as string) as Record<string, unknown>;
     const need = REQUIRED[f.type as ServerFrame["type"]];
-    return need?.every((k) => typeof f[k] == (NUMBERS.includes(k) ? "number" : "string"))
+    return need?.every((k) => typeof f[k] == (k == "id" || k == "expires_at" ? "number" : "string"))
       ? (f as unknown as ServerFrame)
       : null;
   } catch {

@@ -127,10 +127,10 @@ export class FakePage implements PageEvents {
   isVisible = true;
   isOnline = true;
   private emit: ((input: PageInput) => void) | null = null;
-  visible = () => this.isVisible;
-  online = () => this.isOnline;
   listen(emit: (input: PageInput) => void) {
     this.emit = emit;
+    if (!this.isVisible) emit({ type: "visible", visible: false });
+    if (!this.isOnline) emit({ type: "online", online: false });
     return () => {
       this.emit = null;
     };

@@ -27,7 +27,7 @@ test("no pong within 3 s: the socket is dead, reconnect at once", async () => {
   await settle();
   assert.ok(s.closedByClient);
   assert.equal(r.sockets.length, 2);
-  assert.match(r.relay.status().lastError!, /ping/);
+  assert.match(r.relay.status().lastError!, /no pong/);
 });
 
 test("a throttled timer that fires late never kills a socket that answered", async () => {

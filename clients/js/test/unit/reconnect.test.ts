@@ -1,7 +1,8 @@
 /** Reconnect: the close-code table, full-jitter backoff, 1012 spread over a fleet. */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { CLOSE_CODES, closeRule } from "../../src/index.js";
+import { CLOSE_CODES } from "../../src/index.js";
+import { closeRule } from "../../src/closecodes.js";
 import { ORG, accept, rig, settle, type Rig } from "./fake.js";
 
 /** Drop a connection that lived `upMs` with `code`; how long until the next socket opens (null: never). */
