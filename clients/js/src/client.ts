@@ -86,7 +86,8 @@ export function matchesType(globs: readonly string[] | null | undefined, type: s
   );
 }
 
-const PAGE_EVENTS = ["visibilitychange", "resume", "online", "offline", "pageshow"];
+/** Window events; `resume` (a frozen page thawed) fires on document and does not bubble. */
+const PAGE_EVENTS = ["visibilitychange", "online", "offline", "pageshow"];
 
 export function browserPage(): PageEvents | null {
   return typeof document == "undefined"
@@ -107,7 +108,11 @@ export function browserPage(): PageEvents | null {
           if (document.hidden) emit({ type: "visible", visible: false });
           if (!navigator.onLine) emit({ type: "online", online: false });
           PAGE_EVENTS.forEach((t) => addEventListener(t, f));
-          return () => PAGE_EVENTS.forEach((t) => removeEventListener(t, f));
+          document.addEventListener("resume", f);
+          return () => {
+            PAGE_EVENTS.forEach((t) => removeEventListener(t, f));
+            document.removeEventListener("resume", f);
+          };
         },
       };
 }

@@ -103,8 +103,14 @@ test("three tabs share one socket; events reach every tab that follows the org",
   const f = event(ORG2, "D1");
   for (const e of [...es, f]) s.frame(e);
   await rounds();
-  assert.deepEqual(A.seen[ORG], es.map((e) => e.id));
-  assert.deepEqual(B.seen[ORG], es.map((e) => e.id));
+  assert.deepEqual(
+    A.seen[ORG],
+    es.map((e) => e.id),
+  );
+  assert.deepEqual(
+    B.seen[ORG],
+    es.map((e) => e.id),
+  );
   assert.deepEqual(C.seen[ORG2], [f.id]);
   assert.equal(C.seen[ORG], undefined);
   for (const t of [A, B, C]) assert.equal(t.relay.status().state, "connected");
@@ -132,7 +138,11 @@ test("the leader's tab closes: another takes over at once, resumes from the curs
   assert.equal(b.sockets.length, 2);
   const s2 = b.sockets[1]!;
   await ready(s2, b.clock);
-  assert.equal(s2.ofType("subscribe")[0]!.cursor, "C3", "the cursor saved after the last handled event");
+  assert.equal(
+    s2.ofType("subscribe")[0]!.cursor,
+    "C3",
+    "the cursor saved after the last handled event",
+  );
   for (const e of [before[2]!, ...lost]) s2.frame(e); // the replay repeats one
   const after = event(ORG, "C5");
   s2.frame(after);
@@ -209,7 +219,10 @@ test("without Web Locks each tab is on its own", async () => {
     }),
   );
   await rounds();
-  assert.deepEqual(relays.map((r) => r.role), ["solo", "solo"]);
+  assert.deepEqual(
+    relays.map((r) => r.role),
+    ["solo", "solo"],
+  );
   assert.equal(sockets.length, 2);
   relays.forEach((r) => r.dispose());
 });
