@@ -57,7 +57,7 @@ class Harness(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: Harness
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
@@ -172,9 +172,7 @@ def _env(relay: RelayProcess, harness: Harness) -> dict[str, str]:
     }
 
 
-def test_node_client_with_ws_against_the_real_relay(
-    relay: RelayProcess, harness: Harness
-) -> None:
+def test_node_client_with_ws_against_the_real_relay(relay: RelayProcess, harness: Harness) -> None:
     run = run_node("node-smoke.test.js", _env(relay, harness))
     assert run.passed >= 1
 
