@@ -44,7 +44,7 @@ if (what === "all" || what === "test") {
     entryPoints: ["test/browser/bindings-page.tsx"],
     outfile: "build/browser/bindings-page.js",
     bundle: true,
-    format: "esm",
+    format: "iife",
     target: "es2022",
     jsx: "automatic",
     define: { "process.env.NODE_ENV": '"production"' },
@@ -61,7 +61,9 @@ if (what === "all" || what === "static") {
     format: "esm",
     target: "es2022",
     legalComments: "none",
-    banner: { js: "// @pgrelay/client browser bundle (core + tabs + invalidate); built from clients/js/src by `npm run build`. Do not edit." },
+    banner: {
+      js: "// @pgrelay/client browser bundle (core + tabs + invalidate); built from clients/js/src by `npm run build`. Do not edit.",
+    },
     logLevel: "warning",
   });
 }

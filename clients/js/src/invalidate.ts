@@ -2,8 +2,9 @@
  * From events to cache invalidation: `@pgrelay/client/invalidate`.
  *
  * A router maps event types (globs, the server's rule) to the query keys they
- * make stale. The invalidator collects keys for ~50 ms, drops duplicates and
- * invalidates them in one call, so ten updates of one job make one refetch; a
+ * make stale. The invalidator collects keys until 50 ms pass without a new one
+ * (at most 250 ms after the first), drops duplicates and invalidates them in
+ * one call, so ten updates of one job make one refetch; a
  * `resync` invalidates everything of that org; while the page is hidden keys
  * are only collected, and flushed once when it is visible again.
  */
@@ -37,8 +38,10 @@ export interface InvalidatorOptions {
   invalidate(keys: QueryKey[]): unknown;
   /** Mark every key of this org stale (after a resync). */
   invalidateOrg(org: string): unknown;
-  /** How long keys are collected before one invalidation. Default 50. */
+  /** Invalidate once no new key came for this long. Default 50. */
   windowMs?: number;
+  /** ...but no later than this after the first key of a batch. Default 250. */
+  maxWaitMs?: number;
   timers?: Timers;
   /** Default: document's visibility; null: always visible. */
   page?: { hidden(): boolean; onVisible(f: () => void): () => void } | null;
@@ -76,14 +79,18 @@ export function createInvalidator(o: InvalidatorOptions): Invalidator {
   const belongsTo = o.belongsTo ?? keyHasOrg;
   const keys = new Map<string, QueryKey>();
   const orgs = new Set<string>();
-  let timer: unknown = null;
+  let quiet: unknown = null; // windowMs after the last key
+  let deadline: unknown = null; // maxWaitMs after the first key of the batch
 
   const schedule = () => {
-    if (timer === null && !page?.hidden()) timer = timers.set(flush, o.windowMs ?? 50);
+    if (page?.hidden()) return;
+    if (quiet !== null) timers.clear(quiet);
+    quiet = timers.set(flush, o.windowMs ?? 50);
+    deadline ??= timers.set(flush, o.maxWaitMs ?? 250);
   };
   function flush() {
-    if (timer !== null) timers.clear(timer);
-    timer = null;
+    for (const t of [quiet, deadline]) if (t !== null) timers.clear(t);
+    quiet = deadline = null;
     if (page?.hidden()) return; // kept for when the page is visible again
     const resynced = [...orgs];
     const stale = [...keys.values()].filter((k) => !resynced.some((org) => belongsTo(k, org)));
@@ -109,7 +116,7 @@ export function createInvalidator(o: InvalidatorOptions): Invalidator {
       onResync: (org) => inv.resync(org),
     },
     dispose() {
-      if (timer !== null) timers.clear(timer);
+      for (const t of [quiet, deadline]) if (t !== null) timers.clear(t);
       unlisten();
     },
   };

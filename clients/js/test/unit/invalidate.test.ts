@@ -67,14 +67,25 @@ test("ten updates of one job within the window make one invalidation of one key"
     r.timers.advance(4);
   }
   assert.equal(r.calls.length, 0, "collected, not yet invalidated");
-  r.timers.advance(20);
-  assert.deepEqual(r.calls, [[["jobs", ORG]]]);
+  r.timers.advance(46);
+  assert.deepEqual(r.calls, [[["jobs", ORG]]], "50 ms after the last one");
   r.inv.event(ev("evidence.uploaded", { payload: { job_id: 7 } }));
   r.timers.advance(50);
   assert.deepEqual(r.calls[1], [
     ["jobs", ORG],
     ["job", ORG, "7", "documents"],
   ]);
+});
+
+test("a steady stream is still invalidated at least every 250 ms", () => {
+  const r = rig();
+  for (let i = 0; i < 30; i++) {
+    r.inv.event(ev("job.updated", { entity_id: String(i % 3) }));
+    r.timers.advance(30);
+  }
+  assert.equal(r.calls.length, 3, "at 250, 500 and 750 ms");
+  r.timers.advance(50);
+  assert.equal(r.calls.length, 4);
 });
 
 test("resync invalidates everything of that org, and its keys are not invalidated twice", () => {
