@@ -1,11 +1,14 @@
-// The build: node scripts/build.mjs [all|dist|test|static]
-//   dist    tsc: dist/*.js and *.d.ts, the package as published
-//   test    esbuild: src/ and test/ transpiled into build/ for `node --test`,
-//           and the bindings test page bundle (React, TanStack Query, SWR)
-//   static  esbuild: ../../relay/static/pgrelay-client.js, the browser bundle that
-//           `pgrelay dev` serves to its demo page (committed, so `make run` needs no npm)
+// The build: node scripts/build.mjs [all|dist|test|static|check-static]
+//   all           dist and test
+//   dist          tsc: dist/*.js and *.d.ts, the package as published
+//   test          esbuild: src/ and test/ transpiled into build/ for `node --test`,
+//                 and the bindings test page bundle (React, TanStack Query, SWR)
+//   static        esbuild: ../../relay/static/pgrelay-client.js, the browser bundle that
+//                 `pgrelay dev` serves to its demo page and the browser tests load
+//                 (committed, so `make run` needs no npm)
+//   check-static  fail when that committed bundle is not what src/ builds
 import { execFileSync } from "node:child_process";
-import { readdirSync, rmSync } from "node:fs";
+import { readFileSync, readdirSync, rmSync } from "node:fs";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { build } from "esbuild";
@@ -51,19 +54,28 @@ if (what === "all" || what === "test") {
     logLevel: "warning",
   });
 }
-if (what === "all" || what === "static") {
-  await build({
-    absWorkingDir: root,
-    entryPoints: ["src/browser.ts"],
-    outfile: "../../relay/static/pgrelay-client.js",
-    bundle: true,
-    minify: true,
-    format: "esm",
-    target: "es2022",
-    legalComments: "none",
-    banner: {
-      js: "// @pgrelay/client browser bundle (core + tabs + invalidate); built from clients/js/src by `npm run build`. Do not edit.",
-    },
-    logLevel: "warning",
-  });
+const STATIC = "../../relay/static/pgrelay-client.js";
+const staticBundle = {
+  absWorkingDir: root,
+  entryPoints: ["src/browser.ts"],
+  bundle: true,
+  minify: true,
+  format: "esm",
+  target: "es2022",
+  legalComments: "none",
+  banner: {
+    js: "// @pgrelay/client browser bundle (core, tabs, invalidate), built from clients/js/src by `make js-bundle`. Do not edit.",
+  },
+  logLevel: "warning",
+};
+if (what === "static") await build({ ...staticBundle, outfile: STATIC });
+if (what === "check-static") {
+  const out = await build({ ...staticBundle, outfile: STATIC, write: false });
+  const committed = readFileSync(join(root, STATIC));
+  if (Buffer.compare(Buffer.from(out.outputFiles[0].contents), committed) !== 0) {
+    console.error(
+      "relay/static/pgrelay-client.js is not what clients/js/src builds: run `make js-bundle` and commit it",
+    );
+    process.exit(1);
+  }
 }
