@@ -7,12 +7,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: help venv postgres chromium run test lint migrate conformance bench soak clean
+.PHONY: help venv postgres chromium js js-bundle run test lint migrate conformance bench soak clean
 
 help:
 	@echo "make run      a throwaway relay with a demo page (pgrelay dev); Ctrl-C removes it"
 	@echo "make test     install what the tests need, then run them against a real PostgreSQL"
-	@echo "make lint     ruff + mypy"
+	@echo "make lint     ruff + mypy, and tsc + prettier for clients/js"
+	@echo "make js       the web client SDK (clients/js): npm ci when its lock changed, then its build"
+	@echo "make js-bundle  rebuild relay/dev/static/pgrelay-client.js (the SDK bundle pgrelay dev serves; commit it)"
 	@echo "make migrate  apply sql/ to \$$PGRELAY_DATABASE_URL (or libpq's PG* variables)"
 	@echo "make bench    the benchmark: writes bench/results/latest.json (about 2 minutes)"
 	@echo "make soak     the soak: two relays, faults, hundreds of clients (SOAK_SECONDS=300)"
@@ -44,14 +46,39 @@ DEV_ARGS ?=
 run: venv postgres
 	$(BIN)/pgrelay dev $(DEV_ARGS)
 
-test: venv postgres chromium
+# The web client SDK (clients/js): node_modules from package-lock.json (npm ci,
+# again only when the lock changes), then dist/ and the compiled tests in build/.
+JS      := clients/js
+JS_STAMP = $(JS)/node_modules/.installed-$(shell cksum $(JS)/package-lock.json | cut -d' ' -f1)
+
+$(JS_STAMP): $(JS)/package-lock.json
+	cd $(JS) && npm ci --no-audit --no-fund --loglevel=error
+	@rm -f $(JS)/node_modules/.installed-*
+	@touch $@
+
+js: $(JS_STAMP)
+	cd $(JS) && node scripts/build.mjs
+
+# relay/dev/static/pgrelay-client.js is committed (so `make run` needs no npm); `make lint`
+# fails when it is not what clients/js/src builds.
+js-bundle: $(JS_STAMP)
+	cd $(JS) && node scripts/build.mjs static
+
+# The JS unit tests (fake server, the bindings in Chromium, size and types), then
+# pytest, which includes the SDK against the real relay in Chromium
+# (tests/e2e/test_js_client.py) and the demo page's two-device check.
+test: venv postgres chromium js
+	cd $(JS) && node --test --test-concurrency=1 build/test/unit/
 	$(BIN)/pytest
 
-lint: venv
+lint: venv $(JS_STAMP)
 	$(BIN)/ruff check relay tests bench
 	$(BIN)/ruff format --check relay tests bench
 	$(BIN)/mypy
 	$(BIN)/mypy bench
+	cd $(JS) && node_modules/.bin/tsc --noEmit -p tsconfig.json
+	cd $(JS) && node_modules/.bin/prettier --check --log-level=warn .
+	cd $(JS) && node scripts/build.mjs check-static
 
 migrate: venv
 	$(BIN)/pgrelay migrate
@@ -77,3 +104,4 @@ soak: venv postgres
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(JS)/node_modules $(JS)/dist $(JS)/build

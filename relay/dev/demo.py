@@ -12,6 +12,10 @@
    token for the demo organization, and where the WebSocket listens) and
    `POST /dev/emit` (one event, emitted as the backend login). The WebSocket
    only accepts the demo page's own origin.
+4. The demo page is a small jobs board built on the web client SDK
+   (clients/js, served as `/pgrelay-client.js`): `GET/POST /dev/jobs` and
+   `POST /dev/jobs/update` write a `pgrelay_dev_jobs` row and `relay.emit` in the
+   same transaction, on one long-lived backend connection (DemoJobs).
 
 SIGINT/SIGTERM stop the daemon (it drains as in production), then the
 throwaway database is removed, on errors too. Never point `--database-url`
@@ -30,6 +34,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,13 +42,15 @@ from functools import partial
 from importlib import resources
 from pathlib import Path
 from types import FrameType
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote, urlencode
 
 import psycopg
 import structlog
 import trio
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
 
 from relay import config, logs
 from relay.db.migrate import migrate
@@ -71,6 +78,12 @@ BACKEND_LOGIN: Final = "pgrelay_dev_backend"
 LOGIN_ROLES: Final = {DAEMON_LOGIN: "relay_daemon", BACKEND_LOGIN: "relay_service"}
 #: Largest body POST /dev/emit accepts.
 EMIT_MAX_BODY_BYTES: Final = 1024
+#: The demo's jobs board: its table (in the dev database), the rows a page lists,
+#: the most updates one click may ask for, the longest title.
+JOBS_TABLE: Final = "pgrelay_dev_jobs"
+JOBS_LISTED: Final = 100
+JOBS_MAX_UPDATES: Final = 50
+JOBS_MAX_TITLE_CHARS: Final = 200
 #: libpq connect_timeout for the dev endpoint's own connections.
 CONNECT_TIMEOUT_S: Final = 5
 #: How long a Docker engine may take to answer a ping.
@@ -273,8 +286,11 @@ class DevRoutes:
         self.ws_port = ws_port
         self.origins = frozenset(origins)
         self.hosts = frozenset(o.split("://", 1)[1] for o in origins)
-        self.page = (resources.files("relay.dev") / "static" / "demo.html").read_bytes()
+        static = resources.files("relay.dev") / "static"
+        self.page = (static / "demo.html").read_bytes()
+        self.sdk = (static / "pgrelay-client.js").read_bytes()
         self.entity_ids = itertools.count(1)
+        self.jobs = DemoJobs(backend_url)
 
     def routes(self) -> dict[str, Route]:
         page: Route = self._page
@@ -285,7 +301,19 @@ class DevRoutes:
             "/dev/emit": Endpoint(
                 self._emit, methods=frozenset({"POST"}), max_body_bytes=EMIT_MAX_BODY_BYTES
             ),
+            "/pgrelay-client.js": self._sdk,
+            "/dev/jobs": Endpoint(
+                self._jobs,
+                methods=frozenset({"GET", "HEAD", "POST"}),
+                max_body_bytes=EMIT_MAX_BODY_BYTES,
+            ),
+            "/dev/jobs/update": Endpoint(
+                self._update_job, methods=frozenset({"POST"}), max_body_bytes=EMIT_MAX_BODY_BYTES
+            ),
         }
+
+    def close(self) -> None:
+        self.jobs.close()
 
     def token(self, lifetime_s: int) -> str:
         return mint_token(
@@ -349,6 +377,191 @@ class DevRoutes:
             log.warning("dev emit failed", error=exc.diag.message_primary or str(exc))
             return _json(502, {"error": exc.diag.message_primary or "relay.emit failed"})
         return _json(200, {"id": new_id, "entity_id": entity_id})
+
+    def _sdk(self) -> Response:
+        return Response(200, self.sdk, "text/javascript; charset=utf-8")
+
+    def _json_body(self, request: Request) -> dict[str, Any] | Response:
+        """The JSON object a demo page POSTed, or the refusal."""
+        refused = self._foreign(request)
+        if refused is not None:
+            return refused
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return _json(415, {"error": "send application/json"})
+        try:
+            body = json.loads(request.body or b"{}")
+        except ValueError:
+            return _json(400, {"error": "the body is not JSON"})
+        return body if isinstance(body, dict) else _json(400, {"error": "send a JSON object"})
+
+    async def _jobs(self, request: Request) -> Response:
+        """GET: the board; POST {title, sent_at_ms?}: a new job (and its job.created)."""
+        if request.method != "POST":
+            refused = self._foreign(request)
+            if refused is not None:
+                return refused
+            return await self._jobs_call(self.jobs.list)
+        body = self._json_body(request)
+        if isinstance(body, Response):
+            return body
+        title = body.get("title")
+        if not isinstance(title, str) or not 0 < len(title.strip()) <= JOBS_MAX_TITLE_CHARS:
+            return _json(400, {"error": f"title: 1 to {JOBS_MAX_TITLE_CHARS} characters"})
+        return await self._jobs_call(partial(self.jobs.create, title.strip(), _sent_at(body)))
+
+    async def _update_job(self, request: Request) -> Response:
+        """POST {id, times, sent_at_ms?}: `times` updates of one job, each its own transaction."""
+        body = self._json_body(request)
+        if isinstance(body, Response):
+            return body
+        job_id, times = body.get("id"), body.get("times", 1)
+        if type(job_id) is not int or type(times) is not int or not 0 < times <= JOBS_MAX_UPDATES:
+            return _json(400, {"error": f"id: an integer; times: 1 to {JOBS_MAX_UPDATES}"})
+        return await self._jobs_call(partial(self.jobs.update, job_id, times, _sent_at(body)))
+
+    async def _jobs_call(self, call: Callable[[], object]) -> Response:
+        try:
+            result = await trio.to_thread.run_sync(call)
+        except psycopg.Error as exc:
+            log.warning("dev jobs failed", error=exc.diag.message_primary or str(exc))
+            return _json(502, {"error": exc.diag.message_primary or "the jobs board failed"})
+        if result is None:
+            return _json(404, {"error": "no such job"})
+        return _json(200, result)
+
+
+def _sent_at(body: dict[str, Any]) -> int | float | None:
+    """The page's click time, carried in the payload so it can measure the latency."""
+    sent_at = body.get("sent_at_ms")
+    ok = isinstance(sent_at, int | float) and not isinstance(sent_at, bool)
+    return sent_at if ok else None
+
+
+def ensure_demo_jobs(owner_url: str) -> None:
+    """The jobs board's table, created by the schema owner if missing; the backend
+    login may read and write it."""
+    with psycopg.connect(owner_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                " id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+                " organization_id uuid NOT NULL,"
+                " title text NOT NULL,"
+                " status text NOT NULL DEFAULT 'new',"
+                " version integer NOT NULL DEFAULT 1,"
+                " updated_at timestamptz NOT NULL DEFAULT now())"
+            ).format(sql.Identifier(JOBS_TABLE))
+        )
+        conn.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(
+                sql.Identifier(JOBS_TABLE), sql.Identifier(BACKEND_LOGIN)
+            )
+        )
+
+
+class DemoJobs:
+    """The demo's backend: one long-lived connection as the backend login, so that a
+    click costs a transaction, not a new connection (the page shows that latency).
+    Blocking; called from worker threads, one at a time."""
+
+    _COLUMNS = "id, title, status, version, updated_at::text AS updated_at"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.Lock()
+
+    def _with_conn(self, work: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+        with self._lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(
+                    self.url,
+                    autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    application_name="pgrelay-dev-jobs",
+                )
+            try:
+                return work(self._conn)
+            except psycopg.OperationalError:
+                self._conn.close()  # a broken connection: the next click opens another
+                self._conn = None
+                raise
+
+    def list(self) -> dict[str, Any]:
+        def work(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = cur.execute(
+                sql.SQL(
+                    "SELECT " + self._COLUMNS + " FROM {} WHERE organization_id = %s"
+                    " ORDER BY id DESC LIMIT %s"
+                ).format(sql.Identifier(JOBS_TABLE)),
+                (DEMO_ORG, JOBS_LISTED),
+            ).fetchall()
+            return {"jobs": rows}
+
+        result: dict[str, Any] = self._with_conn(work)
+        return result
+
+    def create(self, title: str, sent_at: float | None) -> dict[str, Any]:
+        def work(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+            with conn.transaction():
+                cur = conn.cursor(row_factory=dict_row)
+                job = cur.execute(
+                    sql.SQL(
+                        "INSERT INTO {} (organization_id, title) VALUES (%s, %s) RETURNING "
+                        + self._COLUMNS
+                    ).format(sql.Identifier(JOBS_TABLE)),
+                    (DEMO_ORG, title),
+                ).fetchone()
+                assert job is not None
+                event_id = _emit_job(conn, "job.created", job, sent_at)
+            return {"job": job, "event_id": event_id}
+
+        result: dict[str, Any] = self._with_conn(work)
+        return result
+
+    def update(self, job_id: int, times: int, sent_at: float | None) -> dict[str, Any] | None:
+        def work(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
+            job: dict[str, Any] | None = None
+            event_ids = []
+            for _ in range(times):
+                with conn.transaction():
+                    cur = conn.cursor(row_factory=dict_row)
+                    job = cur.execute(
+                        sql.SQL(
+                            "UPDATE {} SET version = version + 1, updated_at = now(),"
+                            " status = CASE WHEN status = 'new' THEN 'running' ELSE status END"
+                            " WHERE organization_id = %s AND id = %s RETURNING " + self._COLUMNS
+                        ).format(sql.Identifier(JOBS_TABLE)),
+                        (DEMO_ORG, job_id),
+                    ).fetchone()
+                    if job is None:
+                        return None
+                    event_ids.append(_emit_job(conn, "job.updated", job, sent_at))
+            return {"job": job, "event_ids": event_ids}
+
+        result: dict[str, Any] | None = self._with_conn(work)
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def _emit_job(
+    conn: psycopg.Connection[Any], event_type: str, job: dict[str, Any], sent_at: float | None
+) -> int:
+    """relay.emit for a job, inside the caller's transaction."""
+    payload: dict[str, object] = {"title": job["title"], "version": job["version"]}
+    if sent_at is not None:
+        payload["sent_at_ms"] = sent_at
+    row = conn.execute(
+        "SELECT relay.emit(%s::uuid, %s, 'job', %s, %s::jsonb)",
+        (DEMO_ORG, event_type, str(job["id"]), json.dumps(payload)),
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
 
 
 def _emit_as_backend(url: str, entity_id: str, payload: str) -> int:
@@ -478,6 +691,8 @@ def run(
             ws_port=listen.port,
             origins=origins,
         )
+        ensure_demo_jobs(db.owner_url)
+        stack.callback(routes.close)  # before the database goes away
         daemon = Daemon(settings, admin_routes=routes.routes())
         prefix = command_prefix(argv0 or sys.argv[0], sys.executable)
 
