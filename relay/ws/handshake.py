@@ -72,7 +72,9 @@ class WsReject:
             raise ValueError(f"WsReject.status must be 4xx or 5xx, got {self.status}")
 
 
-_ORIGIN = re.compile(r"^(https?)://(\*\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)*)(:\d{1,5})?$")
+_ORIGIN = re.compile(
+    r"^(https?)://(\*\.)?(\[[0-9a-f:.]+\]|[a-z0-9-]+(?:\.[a-z0-9-]+)*)(:\d{1,5})?$"
+)
 
 
 class OriginPolicy:
@@ -95,6 +97,8 @@ class OriginPolicy:
                     "https://*.example.com (a * may only stand for the leftmost labels)"
                 )
             scheme, wildcard, host, port = match.groups()
+            if wildcard and host.startswith("["):
+                raise ValueError(f"{pattern!r}: a * cannot stand before an IP address")
             if wildcard:
                 self._suffixes.append((scheme, "." + host, port or ""))
             else:

@@ -10,7 +10,7 @@ import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from relay.ws import WsReject, WsRequest
-from relay.ws.handshake import check_upgrade, reject_response
+from relay.ws.handshake import OriginPolicy, check_upgrade, reject_response
 from relay.ws.sockets import configure_accepted
 from tests.ws.support import (
     FAST,
@@ -206,3 +206,33 @@ def test_accepted_sockets_get_nodelay_and_a_small_send_buffer() -> None:
     finally:
         for sock in (accepted, client, listener):
             sock.close()
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("https://app.example.com", True),
+        ("https://a.b.example.com", True),
+        ("HTTPS://App.Example.com", True),
+        ("https://example.com", False),  # the pattern is for subdomains only
+        ("https://evilexample.com", False),
+        ("https://app.example.com:8443", False),  # another port
+        ("http://app.example.com", False),  # another scheme
+        ("https://app.example.com.evil.test", False),
+        ("http://localhost:3000", True),
+        ("http://[::1]:3000", True),
+        ("null", False),
+    ],
+)
+def test_origin_patterns(origin: str, allowed: bool) -> None:
+    policy = OriginPolicy(["https://*.example.com", "http://localhost:3000", "http://[::1]:3000"])
+    assert policy.allows(origin) is allowed
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["app.example.com", "https://app.*.example.com", "https://*example.com", "https://x/", "*"],
+)
+def test_origin_patterns_that_cannot_match_are_refused(pattern: str) -> None:
+    with pytest.raises(ValueError, match="not an origin"):
+        OriginPolicy([pattern])
