@@ -22,7 +22,7 @@ from relay.core.session import SessionLimits
 from relay.core.subscription import CatchUpLimits
 from relay.errors import ConfigError
 from relay.server.admission import AdmissionLimits
-from relay.ws import OriginPolicy, WsLimits
+from relay.ws import OriginPolicy, TrustedProxies, WsLimits
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,12 @@ def _origins(text: str) -> tuple[str, ...]:
     return items
 
 
+def _cidrs(text: str) -> tuple[str, ...]:
+    items = tuple(c.strip() for c in text.split(",") if c.strip())
+    TrustedProxies(items)  # raises ValueError naming the first entry that is not a CIDR
+    return items
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in allowed:
@@ -131,6 +137,7 @@ class Settings:
     jwt_leeway_s: float = 30.0
     subscriber_role: str = "relay_subscriber"
     allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
     poll_interval_ms: int = 1000
     listener_probe_s: float = 5.0
     recheck_interval_s: float = 60.0
@@ -193,6 +200,11 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "allowed_origins": (
         _origins,
         "comma-separated allowed origins; https://*.example.com allows its subdomains (empty: any)",
+    ),
+    "trusted_proxies": (
+        _cidrs,
+        "comma-separated CIDRs of reverse proxies whose PROXY header or X-Forwarded-For "
+        "names the client (empty: none)",
     ),
     "poll_interval_ms": (_positive_int, "tail timer: fallback with the doorbell, poll without"),
     "listener_probe_s": (
@@ -305,7 +317,7 @@ def load(
         if not found:
             continue
         _, source, raw = min(found, key=lambda item: item[0])
-        if isinstance(raw, list) and f.name == "allowed_origins":
+        if isinstance(raw, list) and f.name in ("allowed_origins", "trusted_proxies"):
             raw = ",".join(str(x) for x in raw)
         raw = str(raw) if not isinstance(raw, str) else raw
         try:

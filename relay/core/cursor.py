@@ -45,6 +45,7 @@ __all__ = [
     "ResumePlan",
     "Resync",
     "Snapshot",
+    "StreamPosition",
     "TailPosition",
     "decode_cursor",
     "expired",
@@ -109,6 +110,13 @@ class Snapshot:
     def first_invisible(self) -> int:
         """Smallest xid not visible in this snapshot."""
         return self.xip[0] if self.xip else self.xmax
+
+    def meet(self, other: Snapshot) -> Snapshot:
+        """The snapshot that sees exactly what both see (resuming from it repeats
+        what either one would, and skips nothing either one would not)."""
+        xmax = min(self.xmax, other.xmax)
+        xip = sorted({x for x in (*self.xip, *other.xip) if x < xmax})
+        return Snapshot(xip[0] if xip else xmax, xmax, tuple(xip))
 
     def narrowed(self, max_xip: int) -> Snapshot:
         """An equal or more conservative snapshot with at most `max_xip` xip entries.
@@ -413,6 +421,48 @@ def tail_page_cursors(orgs: Sequence[_T], since: str, head: str | None) -> list[
         for i in {org: i for i, org in enumerate(orgs)}.values():
             cursors[i] = head
     return cursors
+
+
+class StreamPosition:
+    """The resume point of one event stream over several organizations (SSE's
+    `id:`): a cursor safe for every org of the stream at once.
+
+    Each org's latest cursor is kept (its frames' `cursor`); the stream's is their
+    meet (`Snapshot.meet`), so resuming the whole stream from it repeats at worst.
+    Orgs that have no cursor yet count with the stream's start cursor (a fresh
+    stream: with none). While the orgs' cursors name different databases (an
+    epoch change in progress), the stream's cursor is one of the old database's:
+    resuming from it makes every org resync."""
+
+    __slots__ = ("_latest", "_start")
+
+    def __init__(self, start: Cursor | None, orgs: Sequence[str]) -> None:
+        self._start = start
+        self._latest: dict[str, Cursor | None] = dict.fromkeys(orgs, start)
+
+    def fork(self) -> StreamPosition:
+        """A copy to advance tentatively (kept only if what it described was sent)."""
+        copy = StreamPosition(self._start, ())
+        copy._latest = dict(self._latest)
+        return copy
+
+    def advance(self, org: str, cursor: str) -> str | None:
+        """`org` received a frame carrying `cursor`; the stream's resume cursor now
+        (None while no org has one)."""
+        decoded = decode_cursor(cursor)
+        if isinstance(decoded, BadCursor) or org not in self._latest:
+            return None
+        self._latest[org] = decoded
+        known = [c for c in self._latest.values() if c is not None]
+        stale = [c for c in known if c.epoch != decoded.epoch]
+        if stale:
+            return stale[0].encode()
+        if len(known) == 1:
+            return cursor
+        snapshot = known[0].snapshot
+        for other in known[1:]:
+            snapshot = snapshot.meet(other.snapshot)
+        return Cursor(decoded.epoch, snapshot).encode()
 
 
 class TailPosition:

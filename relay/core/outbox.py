@@ -322,7 +322,15 @@ class Output:
     Every method that queues returns False when the client is hopeless: the
     caller closes with 4008."""
 
-    __slots__ = ("_outbox", "_progress_at", "_wrap", "limits", "stats", "transport")
+    __slots__ = (
+        "_outbox",
+        "_progress_at",
+        "_wrap",
+        "limits",
+        "shared_frames",
+        "stats",
+        "transport",
+    )
 
     def __init__(
         self,
@@ -331,13 +339,17 @@ class Output:
         *,
         stats: Stats | None = None,
         wrap: Callable[[bytes], bytes] = _as_is,
+        shared_frames: bool = True,
     ) -> None:
         """`wrap` turns an encoded message into the bytes that are sent (the shell
-        passes its WebSocket frame encoder)."""
+        passes its WebSocket frame encoder). `shared_frames`: whether the frame the
+        fan-out encoded once for every recipient fits this transport (WebSocket);
+        if not (an event stream), each event is wrapped here."""
         self.transport = transport
         self.limits = limits or OutputLimits()
         self.stats = stats or Stats()
         self._wrap = wrap
+        self.shared_frames = shared_frames
         self._outbox: Outbox | None = None
         """Created when the transport first refuses a frame, then kept (it
         remembers recent overflows)."""
@@ -380,8 +392,10 @@ class Output:
         return self._pushed(outbox.push_frame(frame, now), now)
 
     def event(self, row: EventRow, cursor: str, frame: bytes, now: float) -> bool:
-        """Send one event; `frame` is `wrap(encode_event(row, cursor))`, encoded once
-        for every recipient."""
+        """Send one event; `frame` is the shared WebSocket frame of
+        `encode_event(row, cursor)`, encoded once for every recipient."""
+        if not self.shared_frames:
+            frame = self._wrap(encode_event(row, cursor))
         outbox = self._outbox
         if not outbox:
             self._sending(now)

@@ -536,6 +536,12 @@ class Session:
                 break
         return actions
 
+    def recheck_now(self, now: float) -> list[Action]:
+        """A hint that this user's memberships changed: recheck every subscription."""
+        if self.state is not SessionState.READY:
+            return []
+        return self._recheck()
+
     # -- the fan-out and the socket --
 
     def live_row(

@@ -40,6 +40,7 @@ from relay.server.metrics import Metrics
 
 __all__ = [
     "DOORBELL_CHANNEL",
+    "MEMBERSHIP_CHANNEL",
     "PROBE_INTERVAL_S",
     "Backoff",
     "Listener",
@@ -47,6 +48,8 @@ __all__ = [
 
 DOORBELL_CHANNEL = "relay_events"
 """The channel the events table's trigger notifies."""
+MEMBERSHIP_CHANNEL = "relay_membership"
+"""Hints that a subject's memberships changed (relay.notify_membership_changed)."""
 PROBE_INTERVAL_S = 5.0
 """How often the listener proves it still receives (and how long an echo may take)."""
 RECONNECT_INITIAL_S = 0.1
@@ -93,11 +96,14 @@ class Listener:
         *,
         ring: Callable[[], None],
         metrics: Metrics,
+        membership_changed: Callable[[str], None] = lambda _subject: None,
         probe_interval_s: float = PROBE_INTERVAL_S,
         connect: Callable[[str, str], Conn] = connect_listener,
     ) -> None:
         self.database_url = database_url
         self.ring = ring
+        self.membership_changed = membership_changed
+        """Told the subject of each membership hint (untrusted: anyone can NOTIFY)."""
         self.metrics = metrics
         self.probe_interval_s = probe_interval_s
         self._connect = connect
@@ -161,6 +167,7 @@ class Listener:
         """Blocking, in a worker thread: connect, LISTEN on the doorbell and the probe."""
         conn = self._connect(self.database_url, DOORBELL_CHANNEL)
         try:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(MEMBERSHIP_CHANNEL)))
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.probe_channel)))
             conn.pgconn.nonblocking = 1
         except BaseException:
@@ -173,6 +180,7 @@ class Listener:
         pg = conn.pgconn
         channel = self.probe_channel.encode()
         doorbell = DOORBELL_CHANNEL.encode()
+        membership = MEMBERSHIP_CHANNEL.encode()
         probe_due = trio.current_time() + self.probe_interval_s
         waiting: tuple[bytes, float] | None = None  # (token, deadline) of the probe out
         while True:
@@ -186,6 +194,8 @@ class Listener:
                 while (note := pg.notifies()) is not None:
                     if note.relname == doorbell:
                         rang = True
+                    elif note.relname == membership:
+                        self.membership_changed(note.extra.decode("utf-8", "replace"))
                     elif note.relname == channel and waiting and note.extra == waiting[0]:
                         waiting = None
                         self.healthy = True

@@ -65,6 +65,7 @@ class Tailer:
         poll_interval_s: float,
         page_rows: int = PAGE_ROWS,
         probe_interval_s: float = PROBE_INTERVAL_S,
+        membership_changed: Callable[[str], None] = lambda _subject: None,
         connect: Callable[[str, str], Conn] = connect_listener,
     ) -> None:
         self.db = db
@@ -77,6 +78,7 @@ class Tailer:
             db.database_url,
             ring=self.ring,
             metrics=metrics,
+            membership_changed=membership_changed,
             probe_interval_s=probe_interval_s,
             connect=connect,
         )

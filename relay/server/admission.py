@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import structlog
 
 from relay.server.metrics import Metrics
-from relay.ws import WsReject, WsRequest
+from relay.ws import WsReject
 
 __all__ = ["Admission", "AdmissionLimits"]
 
@@ -64,7 +64,7 @@ class Admission:
         self.stopping = False
         """Set when the daemon starts shutting down: new upgrades get 503."""
         self._per_ip: Counter[str] = Counter()
-        self._per_user: Counter[str] = Counter()
+        self._per_user: dict[str, set[object]] = {}
         self._total = 0
         self._logged_at: dict[tuple[str, str], float] = {}
         self._suppressed: Counter[tuple[str, str]] = Counter()
@@ -101,8 +101,8 @@ class Admission:
         """Open connections (those that `enter`ed and did not `leave`)."""
         return self._total
 
-    def refusal(self, request: WsRequest) -> WsReject | None:
-        """Whether to refuse an upgrade request (None: let it in)."""
+    def refusal(self, address: str) -> WsReject | None:
+        """Whether to refuse a connection (or a request) from `address` now (None: let it in)."""
         if self.stopping:
             return WsReject(503, "server shutting down", reason="stopping")
         if self._total >= self.limits.max_connections:
@@ -112,7 +112,7 @@ class Admission:
                 (("retry-after", str(RETRY_AFTER_S)),),
                 reason="capacity",
             )
-        if self._per_ip[request.peer[0]] >= self.limits.max_connections_per_ip:
+        if self._per_ip[address] >= self.limits.max_connections_per_ip:
             return WsReject(429, "too many connections from this address", reason="per_ip")
         return None
 
@@ -128,16 +128,25 @@ class Admission:
         if self._per_ip[address] <= 0:
             del self._per_ip[address]
 
-    def admit_user(self, subject: str) -> bool:
-        """A connection authenticated as `subject`: count it, unless that subject
+    def admit_user(self, subject: str, connection: object) -> bool:
+        """`connection` authenticated as `subject`: count it, unless that subject
         already holds `max_connections_per_user`."""
-        if self._per_user[subject] >= self.limits.max_connections_per_user:
+        held = self._per_user.setdefault(subject, set())
+        if len(held) >= self.limits.max_connections_per_user:
+            if not held:
+                del self._per_user[subject]
             return False
-        self._per_user[subject] += 1
+        held.add(connection)
         return True
 
-    def leave_user(self, subject: str) -> None:
+    def leave_user(self, subject: str, connection: object) -> None:
         """A connection counted by `admit_user` ended."""
-        self._per_user[subject] -= 1
-        if self._per_user[subject] <= 0:
-            del self._per_user[subject]
+        held = self._per_user.get(subject)
+        if held is not None:
+            held.discard(connection)
+            if not held:
+                del self._per_user[subject]
+
+    def connections_of(self, subject: str) -> set[object]:
+        """The open connections authenticated as `subject` (a copy)."""
+        return set(self._per_user.get(subject, ()))

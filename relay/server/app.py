@@ -27,16 +27,19 @@ from relay.db.migrate import SchemaState, schema_state
 from relay.db.pool import Database
 from relay.db.reads import SubscriberReads
 from relay.db.tail import Tailer
+from relay.db.tickets import Tickets
 from relay.errors import ConfigError, PortUnavailable
 from relay.server import sdnotify
 from relay.server.admin import Response, Route, serve_admin
 from relay.server.admission import Admission
 from relay.server.connection import Connection, ConnectionServices, Reads
+from relay.server.http import HttpApi
 from relay.server.hub import Hub
 from relay.server.jwt import AuthConfig, TokenVerifier
+from relay.server.membership import MembershipHints
 from relay.server.metrics import Metrics
 from relay.server.scheduler import Scheduler
-from relay.ws import WsConnection, WsRequest, WsServer
+from relay.ws import OriginPolicy, TrustedProxies, WsConnection, WsRequest, WsServer
 
 #: A tail loop that has not turned for this long is wedged: stop petting the watchdog.
 HEARTBEAT_MAX_AGE_S = 60.0
@@ -102,6 +105,7 @@ class Daemon:
             stats=self.metrics.stats,
             metrics=self.metrics,
         )
+        self.hints = MembershipHints(self.admission.connections_of)
         self.tailer = Tailer(
             self.db,
             self.hub,
@@ -109,14 +113,26 @@ class Daemon:
             position=self.position,
             poll_interval_s=s.poll_interval_ms / 1000,
             probe_interval_s=s.listener_probe_s,
+            membership_changed=self.hints.hint,
+        )
+        self.http_api = HttpApi(
+            verifier=self.services.verifier,
+            reads=self.services.reads,
+            tickets=Tickets(self.db),
+            admission=self.admission,
+            services=self.services,
+            origins=OriginPolicy(s.allowed_origins),
+            replay_limit=s.replay_limit,
         )
         self.ws_server = WsServer(
             self._handle,
             limits=s.ws_limits(),
             path=WS_PATH,
             allowed_origins=s.allowed_origins,
-            on_request=self.admission.refusal,
+            on_request=lambda request: self.admission.refusal(request.peer[0]),
             on_refused=self.admission.refused_upgrade,
+            http_handler=self.http_api,
+            trusted_proxies=TrustedProxies(s.trusted_proxies),
         )
         self.connections: set[Connection] = set()
         self.serving = False
@@ -230,6 +246,7 @@ class Daemon:
                 await self._check_schema()
                 await nursery.start(self.scheduler.run)
                 nursery.start_soon(self._sample_stats)
+                nursery.start_soon(self.hints.run)
                 await nursery.start(self.ws_server.serve)
                 log.info(
                     "serving",

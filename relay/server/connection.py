@@ -1,5 +1,6 @@
-"""One WebSocket connection in the trio shell: it carries out what its Session
-(the pure state machine) asks for, and nothing else.
+"""One client connection in the trio shell (a WebSocket, or an event stream
+that looks like one: `Channel`): it carries out what its Session (the pure
+state machine) asks for, and nothing else.
 
 The shell only does I/O: the read loop, SQL in worker threads (through
 `SubscriberReads`), handing the session's output to the socket, closing.
@@ -50,13 +51,36 @@ from relay.server.hub import Fanout
 from relay.server.jwt import AuthError, TokenVerifier
 from relay.server.metrics import Metrics
 from relay.server.scheduler import Scheduler
-from relay.ws import WsConnection, encode_text_frame
+from relay.ws import encode_text_frame
 
 __all__ = ["Connection", "ConnectionServices", "Reads"]
 
 log = structlog.get_logger("pgrelay.connection")
 
 _A = TypeVar("_A")
+
+
+class Channel(Protocol):
+    """What a connection talks through: `relay.ws.WsConnection`, or the event
+    stream of `relay.server.stream`. Also the session's output transport."""
+
+    @property
+    def unsent_bytes(self) -> int: ...
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    def send_nowait(self, data: bytes) -> bool: ...
+
+    async def receive_message(self) -> str | None:
+        """The next client message, or None once the channel is closing."""
+        ...
+
+    def abort(self, code: int, reason: str = "") -> None:
+        """Start closing with `code`, without awaiting."""
+        ...
+
+    def set_drain_callback(self, callback: Callable[[], None] | None) -> None: ...
 
 
 class Reads(Protocol):
@@ -91,6 +115,7 @@ class Connection:
 
     __slots__ = (
         "_tasks",
+        "channel",
         "close_code",
         "closing",
         "frames_received",
@@ -99,17 +124,31 @@ class Connection:
         "services",
         "session",
         "subject",
-        "ws",
     )
 
     def __init__(
-        self, connection_id: str, ws: WsConnection, *, services: ConnectionServices, peer: str
+        self,
+        connection_id: str,
+        channel: Channel,
+        *,
+        services: ConnectionServices,
+        peer: str,
+        wrap: Callable[[bytes], bytes] = encode_text_frame,
+        shared_frames: bool = True,
     ) -> None:
+        """`wrap` and `shared_frames` describe the channel's framing (see `Output`);
+        the defaults are the WebSocket's."""
         self.id = connection_id
-        self.ws = ws
+        self.channel = channel
         self.services = services
         self.peer = peer
-        output = Output(ws, services.output_limits, stats=services.stats, wrap=encode_text_frame)
+        output = Output(
+            channel,
+            services.output_limits,
+            stats=services.stats,
+            wrap=wrap,
+            shared_frames=shared_frames,
+        )
         self.session = Session(
             connection_id, services.scheduler.clock(), output, services.session_limits
         )
@@ -121,7 +160,7 @@ class Connection:
         self.subject: str | None = None
         """The first token's `sub`, counted by admission (a refresh for another
         subject is closed 4001)."""
-        ws.set_drain_callback(self._drained)
+        channel.set_drain_callback(self._drained)
 
     def _now(self) -> float:
         return self.services.scheduler.clock()
@@ -137,7 +176,7 @@ class Connection:
             while not self.closing:
                 # Binary (1003), invalid UTF-8 (1007) and oversized (1009) messages
                 # are closed by the WebSocket layer; None means it is closing.
-                message = await self.ws.receive_message()
+                message = await self.channel.receive_message()
                 if message is None:
                     break
                 self.frames_received += 1
@@ -150,13 +189,13 @@ class Connection:
             self.session.connection_lost()
             self.services.fanout.forget(self)
             if self.subject is not None:
-                self.services.admission.leave_user(self.subject)
+                self.services.admission.leave_user(self.subject, self)
             log.info(
                 "connection closed",
                 connection_id=self.id,
                 peer=self.peer,
                 sub=self.subject,
-                close_code=self.close_code or self.ws.close_code,
+                close_code=self.close_code or self.channel.close_code,
                 seconds=round(self._now() - started, 3),
                 frames_in=self.frames_received,
             )
@@ -172,6 +211,11 @@ class Connection:
         actions = self.session.live_row(subscription, row, cursor, frame, now)
         if actions:
             self._apply(actions)
+
+    def recheck_now(self) -> None:
+        """A hint that this user's memberships changed (`relay_membership`)."""
+        if not self.closing:
+            self._apply(self.session.recheck_now(self._now()))
 
     def database_changed(self, epoch: str, head: Snapshot, now: float) -> None:
         self._apply(self.session.database_changed(epoch, head, now))
@@ -211,7 +255,7 @@ class Connection:
         self.close_code = code
         if code == CloseCode.TOO_SLOW:
             log.info("client too slow", connection_id=self.id, peer=self.peer)
-        self.ws.abort(code, reason)
+        self.channel.abort(code, reason)
 
     def _verify(self, token: str) -> None:
         services = self.services
@@ -226,7 +270,7 @@ class Connection:
             return
         if self.subject is None and verified.subject is not None:
             # First authentication: the per-user connection limit applies.
-            if not services.admission.admit_user(verified.subject):
+            if not services.admission.admit_user(verified.subject, self):
                 services.admission.refused(
                     "per_user", connection_id=self.id, sub=verified.subject, peer=self.peer
                 )

@@ -1,15 +1,13 @@
 """One server-side WebSocket connection: a trio shell over wsproto's frame protocol.
 
 Writing. Server frames are encoded once by the caller (`encode_text_frame`)
-and offered with `send_frame_nowait`, which never awaits: with nothing
-pending it makes one non-blocking `send()`; whatever the kernel did not take
-goes to a bounded pending buffer, and a writer task (the only task that waits
-for writability) sends everything pending in one `send()` when the socket
-drains. The writer exists only while bytes are pending or a close is under
-way: an idle connection has no writer task. A frame that would push the
-pending bytes over `max_unsent_bytes` is refused (`SendResult.OVERFLOW`), so
-the caller decides what to do with a slow client. A reset peer marks the connection closed;
-nothing ever raises into the caller.
+and offered with `send_frame_nowait`, which never awaits: the write half is a
+`SocketWriter` (one non-blocking `send()`, leftover bytes bounded by
+`max_unsent_bytes` and sent by a writer task that exists only while bytes
+wait, a drain callback at the low-water mark). A frame that would exceed the
+bound is refused (`SendResult.OVERFLOW`), so the caller decides what to do with
+a slow client. A reset peer marks the connection closed; nothing ever raises
+into the caller.
 
 Reading. `receive_message` (text only; binary closes with 1003) and
 `receive_any` (text or binary) read the socket themselves, feed wsproto,
@@ -50,7 +48,8 @@ from relay.core.codes import UNSENDABLE_CLOSE_CODES, CloseCode
 from relay.ws.frames import encode_binary_frame, encode_text_frame
 from relay.ws.handshake import WsRequest
 from relay.ws.limits import WsLimits
-from relay.ws.sockets import SEND_FLAGS, close_socket, recv_some
+from relay.ws.sockets import close_socket, recv_some
+from relay.ws.writer import SendResult, SocketWriter
 
 __all__ = ["ConnectionGroup", "Handler", "SendResult", "WsConnection", "WsState"]
 
@@ -70,24 +69,6 @@ class WsState(Enum):
     """A close frame is queued or sent; no data frames are accepted any more."""
     CLOSED = "closed"
     """No more I/O: the socket is closed, or the peer reset or vanished."""
-
-
-class SendResult(Enum):
-    """What `send_frame_nowait` did with a frame."""
-
-    SENT = "sent"
-    """The kernel took every byte."""
-    QUEUED = "queued"
-    """Accepted; some bytes wait in the pending buffer for the writer task."""
-    OVERFLOW = "overflow"
-    """Refused, nothing sent: pending bytes would exceed `max_unsent_bytes`."""
-    CLOSED = "closed"
-    """Refused: the connection is closing or closed."""
-
-    @property
-    def accepted(self) -> bool:
-        """True when the frame will reach the kernel (SENT or QUEUED)."""
-        return self is SendResult.SENT or self is SendResult.QUEUED
 
 
 class _Step(Enum):
@@ -180,9 +161,7 @@ class WsConnection:
         "_limits",
         "_message_bytes",
         "_next_ping_at",
-        "_on_drain",
         "_parts",
-        "_pending",
         "_ping_sent_at",
         "_progress_lot",
         "_read_scope",
@@ -190,8 +169,7 @@ class WsConnection:
         "_sock",
         "_state",
         "_timer",
-        "_write_shut",
-        "_writing",
+        "_writer",
         "_ws",
         "request",
     )
@@ -215,15 +193,18 @@ class WsConnection:
         self._limits = limits
         self._ws = Connection(ConnectionType.SERVER, extensions=None, trailing_data=trailing_data)
         self._state = WsState.OPEN
-        self._pending = bytearray()
-        self._writing = False
+        self._writer = SocketWriter(
+            sock,
+            group.nursery,
+            max_unsent_bytes=limits.max_unsent_bytes,
+            drain_low_water_bytes=limits.drain_low_water_bytes,
+        )
+        self._writer.on_broken = self._mark_broken
         self._progress_lot: trio.lowlevel.ParkingLot | None = None
         self._reading = False
         self._read_scope: trio.CancelScope | None = None
-        self._write_shut = False
         self._close_code: int | None = None
         self._close_reason = ""
-        self._on_drain: Callable[[], None] | None = None
         self._parts: list[Any] | None = None
         self._message_bytes = 0
         self._ping_sent_at: float | None = None
@@ -241,7 +222,7 @@ class WsConnection:
         """Bytes accepted but not yet taken by the kernel. While above 0, a writer
         task runs and calls the drain callback once at most
         `drain_low_water_bytes` are left."""
-        return len(self._pending)
+        return self._writer.unsent_bytes
 
     @property
     def close_code(self) -> int | None:
@@ -263,13 +244,7 @@ class WsConnection:
         """
         if self._state is not WsState.OPEN:
             return SendResult.CLOSED
-        pending = self._pending
-        if len(pending) + len(frame) > self._limits.max_unsent_bytes:
-            return SendResult.OVERFLOW
-        if pending:
-            pending += frame
-            return SendResult.QUEUED
-        return self._send_now(frame)
+        return self._writer.send(frame)
 
     def send_nowait(self, frame: bytes) -> bool:
         """`send_frame_nowait` for `relay.core.outbox.Transport`: False only when
@@ -293,17 +268,15 @@ class WsConnection:
         return self.send_frame_nowait(frame)
 
     async def wait_unsent_at_most(self, max_bytes: int) -> None:
-        """Return once at most `max_bytes` are pending, or the connection is not open."""
-        await trio.lowlevel.checkpoint()
-        while self._state is WsState.OPEN and len(self._pending) > max_bytes:
-            await self._progress().park()
+        """Return once at most `max_bytes` are pending, or nothing more can be sent."""
+        await self._writer.wait_unsent_at_most(max_bytes)
 
     def set_drain_callback(self, callback: Callable[[], None] | None) -> None:
         """Call `callback` each time a writer task's send leaves at most
         `drain_low_water_bytes` pending while open (so the owner can move more
         frames from its own outbox). It runs in the writer task; it must not
         block or raise."""
-        self._on_drain = callback
+        self._writer.on_drain = callback
 
     # -- receiving --------------------------------------------------------------
     async def receive_message(self) -> str | None:
@@ -344,59 +317,11 @@ class WsConnection:
         self._begin_close(code, reason)
 
     # -- internals: writing -------------------------------------------------------
-    def _send_now(self, frame: bytes) -> SendResult:
-        """One non-blocking send() while nothing is pending; queue the rest."""
-        try:
-            sent = self._sock.send(frame, SEND_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self._mark_broken()
-            return SendResult.CLOSED
-        if sent == len(frame):
-            return SendResult.SENT
-        self._pending = bytearray(memoryview(frame)[sent:])
-        self._start_writer()
-        return SendResult.QUEUED
-
     def _send_control(self, frame: bytes, *, droppable: bool) -> None:
-        """Queue a ping, pong or close frame behind pending data.
-
-        Control frames may exceed `max_unsent_bytes` by their few bytes, except
-        droppable ones (pongs), which a client flooding pings without reading
-        would otherwise grow without bound.
-        """
-        if self._state is WsState.CLOSED:
-            return
-        if not self._pending:
-            self._send_now(frame)
-        elif not droppable or (len(self._pending) + len(frame) <= self._limits.max_unsent_bytes):
-            self._pending += frame
-
-    def _flush(self) -> None:
-        """One send() of everything pending (called once the socket is writable)."""
-        pending = self._pending
-        if not pending:
-            return
-        try:
-            sent = self._sock.send(pending, SEND_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._mark_broken()
-            return
-        if sent == len(pending):
-            self._pending = bytearray()  # drop the capacity, not just the bytes
-        else:
-            del pending[:sent]
-        if self._progress_lot is not None:
-            self._progress_lot.unpark_all()
-        if (
-            self._on_drain is not None
-            and self._state is WsState.OPEN
-            and len(self._pending) <= self._limits.drain_low_water_bytes
-        ):
-            self._on_drain()
+        """Queue a ping, pong or close frame behind pending data (pongs are
+        droppable: a client flooding pings without reading cannot grow them)."""
+        if self._state is not WsState.CLOSED:
+            self._writer.send_control(frame, droppable=droppable)
 
     def _heartbeat_due(self) -> float:
         if self._state is not WsState.OPEN:
@@ -415,46 +340,6 @@ class WsConnection:
                 self._ping_sent_at = now
                 self._send_control(self._ws.send(Ping()), droppable=False)
         return self._heartbeat_due()
-
-    def _start_writer(self) -> None:
-        """Make sure a writer task runs: bytes are pending, or a close began."""
-        if not self._writing and self._state is not WsState.CLOSED:
-            self._writing = True
-            self._group.nursery.start_soon(self._run_writer)
-
-    async def _run_writer(self) -> None:
-        """The only task that waits for writability; one at most per connection.
-
-        It runs while bytes are pending, and when closing it shuts the write side
-        once the close frame is out. It is shielded: when the connection is
-        cancelled, the close frame must still go out; the connection's own task
-        always closes the socket (within `close_timeout_s`), which ends it.
-        """
-        try:
-            with trio.CancelScope(shield=True):
-                while self._state is not WsState.CLOSED:
-                    if self._pending:
-                        await trio.lowlevel.wait_writable(self._sock)
-                        self._flush()
-                    else:
-                        if self._state is WsState.CLOSING and not self._write_shut:
-                            self._shutdown_write()
-                        return
-        except trio.ClosedResourceError:
-            pass  # closed under us by the teardown: nothing more to write
-        finally:
-            self._writing = False
-
-    def _shutdown_write(self) -> None:
-        """Everything including the close frame is out: send FIN."""
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._mark_broken()
-            return
-        self._write_shut = True
-        if self._progress_lot is not None:
-            self._progress_lot.unpark_all()
 
     def _progress(self) -> trio.lowlevel.ParkingLot:
         """Where tasks wait for the writer's progress or for the read side to be
@@ -586,7 +471,7 @@ class WsConnection:
                 self._ws.send(CloseConnection(code=code, reason=reason or None)),
                 droppable=False,
             )
-        self._start_writer()  # it sends what is pending, then shuts the write side
+        self._writer.finish()  # what is pending goes out, then the write side is shut
         self._wake_all()
 
     def _mark_broken(self) -> None:
@@ -596,7 +481,7 @@ class WsConnection:
         self._state = WsState.CLOSED
         if self._close_code is None:
             self._close_code = CloseCode.ABNORMAL
-        self._pending = bytearray()
+        self._writer.drop()
         self._wake_all()
 
     def _wake_all(self) -> None:
@@ -610,8 +495,7 @@ class WsConnection:
         EOF, close the socket. Bounded by `close_timeout_s`."""
         try:
             with trio.move_on_after(self._limits.close_timeout_s):
-                while self._state is WsState.CLOSING and not self._write_shut:
-                    await self._progress().park()
+                await self._writer.wait_finished()
                 if self._state is WsState.CLOSING:
                     await self._acquire_reading()
                     try:
@@ -648,7 +532,7 @@ class WsConnection:
         if self._close_code is None:
             self._close_code = CloseCode.ABNORMAL
         self._state = WsState.CLOSED
-        self._pending = bytearray()
+        self._writer.drop()
         self._wake_all()
 
     async def _run(self, handler: Handler) -> None:

@@ -34,7 +34,9 @@ from relay.ws.handshake import (
     check_upgrade,
     reject_response,
 )
+from relay.ws.http import HttpExchange, HttpHandler, HttpRequest
 from relay.ws.limits import WsLimits
+from relay.ws.proxy import NEED_MORE, ProxyHeader, TrustedProxies, parse_proxy_header
 from relay.ws.sockets import (
     ACCEPT_RESOURCE_ERRNOS,
     ACCEPT_SKIP_ERRNOS,
@@ -76,19 +78,26 @@ class WsServer:
         allowed_origins: Collection[str] = (),
         on_request: RequestHook | None = None,
         on_refused: RefusalHook | None = None,
+        http_handler: HttpHandler | None = None,
+        trusted_proxies: TrustedProxies | None = None,
     ) -> None:
         """`path`: the only path upgraded (others get 404). `allowed_origins`:
         when not empty, a request whose Origin header matches none of them gets
         403 (no Origin header: allowed; see `OriginPolicy` for patterns).
-        `on_request`: see `RequestHook`; `on_refused`: see `RefusalHook`."""
+        `on_request`: see `RequestHook`; `on_refused`: see `RefusalHook`.
+        `http_handler`: answers every request that is not a WebSocket upgrade
+        (without it they get 426/404). `trusted_proxies`: peers whose PROXY
+        protocol header or X-Forwarded-For names the client (`relay.ws.proxy`)."""
         self._handler = handler
         self._limits = limits or WsLimits()
         self._path = path
         self._origins = OriginPolicy(allowed_origins)
         self._on_request = on_request
         self._on_refused = on_refused
+        self._http_handler = http_handler
+        self._trusted = trusted_proxies or TrustedProxies()
         self._listener: socket.socket | None = None
-        self._connections: set[WsConnection] = set()
+        self._connections: set[WsConnection | HttpExchange] = set()
         self._group: ConnectionGroup | None = None
         self._port: int | None = None
         self._accept_scope: trio.CancelScope | None = None
@@ -103,7 +112,7 @@ class WsServer:
 
     @property
     def connection_count(self) -> int:
-        """Upgraded connections not yet closed."""
+        """Upgraded connections and event streams not yet closed."""
         return len(self._connections)
 
     async def bind(self, host: str, port: int) -> int:
@@ -193,13 +202,17 @@ class WsServer:
         limits = self._limits
         try:
             configure_accepted(sock, limits.send_buffer_bytes)
-            outcome: tuple[WsRequest, bytes] | WsReject | None = None
+            outcome: tuple[WsRequest, bytes] | HttpExchange | WsReject | None = None
             with trio.move_on_after(limits.handshake_timeout_s):
                 outcome = await self._read_upgrade(sock, peer)
             if outcome is None:
                 return  # the peer left or was too slow (slow-loris): just drop it
+            if isinstance(outcome, HttpExchange):
+                await self._run_http(outcome)
+                return
             if isinstance(outcome, tuple):
                 request, trailing = outcome
+                peer = request.peer
                 refusal = self._refusal(request)
                 if refusal is None:
                     await send_all(sock, accept_response(request))
@@ -230,12 +243,21 @@ class WsServer:
 
     async def _read_upgrade(
         self, sock: socket.socket, peer: tuple[str, int]
-    ) -> tuple[WsRequest, bytes] | WsReject | None:
-        """Read one request head: the checked request and the bytes after it,
-        an HTTP refusal, or None if the peer went away."""
+    ) -> tuple[WsRequest, bytes] | HttpExchange | WsReject | None:
+        """Read one request head: the checked upgrade request and the bytes after
+        it, a plain HTTP exchange (with an `http_handler`), an HTTP refusal, or
+        None if the peer went away. From a trusted proxy, the client's address
+        is taken from a PROXY protocol header or from X-Forwarded-For."""
         parser = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self._limits.max_handshake_bytes
         )
+        proxied = False
+        if self._trusted.trusts(peer[0]):
+            found = await self._read_proxy_header(sock, parser)
+            if isinstance(found, WsReject):
+                return found
+            if found is not None:
+                peer, proxied = found, True
         while True:
             try:
                 event = parser.next_event()
@@ -246,10 +268,68 @@ class WsServer:
                 continue
             if not isinstance(event, h11.Request):
                 return None
+            if not proxied and self._trusted.trusts(peer[0]):
+                forwarded = [
+                    v.decode("latin-1") for k, v in event.headers if k == b"x-forwarded-for"
+                ]
+                if forwarded:
+                    peer = (self._trusted.client(peer[0], forwarded), 0)
+            if self._http_handler is not None and not _is_upgrade(event):
+                return self._exchange(sock, event, parser, peer)
             checked = check_upgrade(event, peer, path=self._path, allowed_origins=self._origins)
             if isinstance(checked, WsReject):
                 return checked
             return checked, parser.trailing_data[0]
+
+    async def _read_proxy_header(
+        self, sock: socket.socket, parser: h11.Connection
+    ) -> tuple[str, int] | WsReject | None:
+        """From a trusted proxy: the client's address from a PROXY header at the
+        start of the stream (None: no header, or LOCAL); the rest goes to `parser`."""
+        data = b""
+        while True:
+            try:
+                found = parse_proxy_header(data)
+            except ValueError as exc:
+                return WsReject(400, f"bad PROXY protocol header: {exc}", reason="handshake")
+            if found is not NEED_MORE:
+                break
+            chunk = await recv_some(sock, self._limits.receive_chunk_bytes)
+            if not chunk:
+                break
+            data += chunk
+        if isinstance(found, ProxyHeader):
+            parser.receive_data(data[found.length :])
+            return found.source
+        parser.receive_data(data)
+        return None
+
+    def _exchange(
+        self,
+        sock: socket.socket,
+        event: h11.Request,
+        parser: h11.Connection,
+        peer: tuple[str, int],
+    ) -> HttpExchange:
+        assert self._group is not None
+        target = event.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers)
+        request = HttpRequest(event.method.decode("ascii", "replace"), path, query, headers, peer)
+        return HttpExchange(sock, request, parser, limits=self._limits, nursery=self._group.nursery)
+
+    async def _run_http(self, exchange: HttpExchange) -> None:
+        assert self._http_handler is not None
+        self._connections.add(exchange)
+        if self._stopping:
+            exchange.abort(CloseCode.SERVICE_RESTART, "server restarting")
+        try:
+            await self._http_handler(exchange)
+        except Exception:
+            _log.exception("http_handler_failed", peer=exchange.request.peer)
+        finally:
+            self._connections.discard(exchange)
+            exchange.close()
 
     async def _run_connection(
         self, sock: socket.socket, request: WsRequest, trailing: bytes
@@ -271,3 +351,8 @@ class WsServer:
                 close_reason=connection.close_reason,
                 duration_s=round(trio.current_time() - started, 3),
             )
+
+
+def _is_upgrade(request: h11.Request) -> bool:
+    """Whether a request asks for a WebSocket (the Upgrade header names it)."""
+    return any(k == b"upgrade" and b"websocket" in v.lower() for k, v in request.headers)

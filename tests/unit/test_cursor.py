@@ -19,6 +19,7 @@ from relay.core.cursor import (
     Resync,
     ResyncReason,
     Snapshot,
+    StreamPosition,
     TailPosition,
     decode_cursor,
     handed_over,
@@ -328,3 +329,30 @@ def test_the_tail_position_is_a_cursor_once_started() -> None:
         position.cursor()
     position.epoch, position.snapshot = EPOCH, HEAD
     assert decode_cursor(position.cursor()) == Cursor(EPOCH, HEAD)
+
+
+@given(snapshots, snapshots, st.lists(st.integers(0, 2**63 + 2**21), max_size=30))
+def test_meet_sees_exactly_what_both_see(a: Snapshot, b: Snapshot, probes: list[int]) -> None:
+    m = a.meet(b)
+    for xid in [*probes, a.xmax, b.xmax, *a.xip, *b.xip]:
+        assert m.visible(xid) is (a.visible(xid) and b.visible(xid))
+
+
+def test_a_stream_position_is_safe_for_every_org_of_the_stream() -> None:
+    start = Cursor(EPOCH, Snapshot(100, 100))
+    stream = StreamPosition(start, ["a", "b"])
+    # org a moves ahead; b has not answered yet: the stream stays at b's start.
+    first = stream.advance("a", Cursor(EPOCH, Snapshot(150, 150)).encode())
+    assert first is not None and decode_cursor(first) == Cursor(EPOCH, Snapshot(100, 100))
+    both = stream.advance("b", Cursor(EPOCH, Snapshot(120, 130, (120,))).encode())
+    decoded = decode_cursor(both or "")
+    assert isinstance(decoded, Cursor)
+    assert decoded.snapshot == Snapshot(120, 130, (120,))  # the meet of 150:150 and b's
+    # A fresh stream ignores orgs that have not received anything yet.
+    fresh = StreamPosition(None, ["a", "b"])
+    only_a = Cursor(EPOCH, Snapshot(10, 10)).encode()
+    assert fresh.advance("a", only_a) == only_a
+    # An epoch change half-way: the stream keeps an old-database cursor (a resume resyncs).
+    moved = stream.advance("a", Cursor("other", Snapshot(5, 5)).encode())
+    assert moved is not None and decode_cursor(moved).epoch == EPOCH  # type: ignore[union-attr]
+    assert stream.advance("zzz", only_a) is None and stream.advance("a", "junk") is None
