@@ -11,8 +11,11 @@ from relay.errors import ConfigError, RelayError
 
 
 def _database_url(arg: str | None) -> str:
-    """--database-url, else PGRELAY_DATABASE_URL, else "" (libpq's PG* variables)."""
-    return arg or os.environ.get("PGRELAY_DATABASE_URL", "")
+    """--database-url, else PGRELAY_DATABASE_URL, else "" when libpq's PG*
+    variables name a database; ConfigError (exit 2) when nothing does."""
+    from relay.tools.common import database_url
+
+    return database_url(arg, os.environ)
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from relay.tools.common import (
     EXIT_OK,
     ToolFailure,
     add_database_url,
+    database_url,
     environ,
     run_command,
     setting,
@@ -122,7 +123,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    url = setting(args.database_url, "database_url", env) or ""
+    url = database_url(args.database_url, env)
     role = setting(args.subscriber_role, "subscriber_role", env) or DEFAULT_SUBSCRIBER_ROLE
     if len(role) > 63:
         raise ConfigError("--subscriber-role must be a role name of 1 to 63 characters")

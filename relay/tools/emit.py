@@ -22,11 +22,11 @@ from relay.tools.common import (
     EXIT_OK,
     ToolFailure,
     add_database_url,
+    database_url,
     environ,
     non_empty,
     org_id,
     run_command,
-    setting,
     sql_ident,
 )
 
@@ -99,7 +99,7 @@ def parse_payload(text: str | None) -> str:
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     payload = parse_payload(args.payload)
-    url = setting(args.database_url, "database_url", env) or ""
+    url = database_url(args.database_url, env)
     try:
         conn = psycopg.connect(url, autocommit=True, application_name="pgrelay-emit")
     except psycopg.OperationalError as exc:
