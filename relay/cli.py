@@ -54,10 +54,25 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     return dev.run(args.database_url, os.environ)
 
 
+def _version() -> str:
+    """The installed package's version, else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("pgrelay")
+    except metadata.PackageNotFoundError:
+        from relay import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgrelay",
         description="Relay org-scoped signals from a Postgres events table to WebSocket clients.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"pgrelay {_version()}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
