@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: help venv postgres chromium run test lint migrate conformance bench clean
+.PHONY: help venv postgres chromium promtool run test lint migrate conformance bench clean
 
 help:
 	@echo "make run      a throwaway relay with a demo page (pgrelay dev); Ctrl-C removes it"
@@ -37,13 +37,18 @@ postgres:
 chromium:
 	@scripts/ensure-chromium.sh
 
+# Prometheus' promtool for the alert-rule tests (tests/e2e/test_deploy.py):
+# extracted from Debian's prometheus package into the venv, no server installed.
+promtool: venv
+	@scripts/ensure-promtool.sh $(BIN)
+
 # A throwaway database, roles, a token and the daemon with its demo page.
 # `make run DEV_ARGS='--database-url postgresql://...'` uses your database instead.
 DEV_ARGS ?=
 run: venv postgres
 	$(BIN)/pgrelay dev $(DEV_ARGS)
 
-test: venv postgres chromium
+test: venv postgres chromium promtool
 	$(BIN)/pytest
 
 lint: venv
