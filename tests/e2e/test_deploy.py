@@ -44,15 +44,19 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$job": ".*"
 
 @pytest.fixture(scope="module")
 def promtool() -> Iterator[str]:
+    venv_bin = REPO / ".venv" / "bin"  # where scripts/ensure-promtool.sh puts it
+
     def find() -> str | None:
-        local = Path(sys.prefix) / "bin" / "promtool"
-        return shutil.which("promtool") or (str(local) if local.exists() else None)
+        for local in (Path(sys.prefix) / "bin" / "promtool", venv_bin / "promtool"):
+            if local.exists():
+                return str(local)
+        return shutil.which("promtool")
 
     found = find()
     why = ""
     if found is None:
         script = subprocess.run(
-            [str(REPO / "scripts" / "ensure-promtool.sh"), str(Path(sys.prefix) / "bin")],
+            [str(REPO / "scripts" / "ensure-promtool.sh"), str(venv_bin)],
             capture_output=True,
             text=True,
             timeout=INSTALL_TIMEOUT_S,
