@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: help venv postgres chromium js js-bundle run test lint migrate conformance bench soak clean
+.PHONY: help venv postgres chromium promtool js js-bundle run test lint migrate conformance bench soak clean
 
 help:
 	@echo "make run      a throwaway relay with a demo page (pgrelay dev); Ctrl-C removes it"
@@ -40,6 +40,11 @@ postgres:
 chromium:
 	@scripts/ensure-chromium.sh
 
+# Prometheus' promtool for the alert-rule tests (tests/e2e/test_deploy.py):
+# extracted from Debian's prometheus package into the venv, no server installed.
+promtool: venv
+	@scripts/ensure-promtool.sh $(BIN)
+
 # A throwaway database, roles, a token and the daemon with its demo page.
 # `make run DEV_ARGS='--database-url postgresql://...'` uses your database instead.
 DEV_ARGS ?=
@@ -67,7 +72,7 @@ js-bundle: $(JS_STAMP)
 # The JS unit tests (fake server, the bindings in Chromium, size and types), then
 # pytest, which includes the SDK against the real relay in Chromium
 # (tests/e2e/test_js_client.py) and the demo page's two-device check.
-test: venv postgres chromium js
+test: venv postgres chromium promtool js
 	cd $(JS) && node --test --test-concurrency=1 build/test/unit/
 	$(BIN)/pytest
 

@@ -11,8 +11,11 @@ from relay.errors import ConfigError, PortUnavailable, RelayError, leaf
 
 
 def _database_url(arg: str | None) -> str:
-    """--database-url, else PGRELAY_DATABASE_URL, else "" (libpq's PG* variables)."""
-    return arg or os.environ.get("PGRELAY_DATABASE_URL", "")
+    """--database-url, else PGRELAY_DATABASE_URL, else "" when libpq's PG*
+    variables name a database; ConfigError (exit 2) when nothing does."""
+    from relay.tools.common import database_url
+
+    return database_url(arg, os.environ)
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -65,10 +68,25 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     return dev.run(args.database_url, os.environ)
 
 
+def _version() -> str:
+    """The installed package's version, else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("pgrelay")
+    except metadata.PackageNotFoundError:
+        from relay import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgrelay",
         description="Relay org-scoped signals from a Postgres events table to WebSocket clients.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"pgrelay {_version()}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

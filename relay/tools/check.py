@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final, Literal, LiteralString
@@ -29,13 +29,14 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from relay.db.migrate import load_migrations
+from relay.db.migrate import Migration, load_migrations
 from relay.errors import ConfigError
 from relay.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
     ToolFailure,
     add_database_url,
+    database_url,
     environ,
     run_command,
     setting,
@@ -122,7 +123,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    url = setting(args.database_url, "database_url", env) or ""
+    url = database_url(args.database_url, env)
     role = setting(args.subscriber_role, "subscriber_role", env) or DEFAULT_SUBSCRIBER_ROLE
     if len(role) > 63:
         raise ConfigError("--subscriber-role must be a role name of 1 to 63 characters")
@@ -165,8 +166,8 @@ def checks(url: str, subscriber_role: str) -> Iterator[Finding]:
             yield from _check_doorbell(conn, catalog.events_oid)
         yield from _check_listen(conn, url)
         yield from _check_notify_queue(conn)
-        if catalog.schema_oid is not None:
-            yield from _check_retention(conn, catalog.schema_oid)
+        if catalog.schema_oid is not None and catalog.events_oid is not None:
+            yield from _check_retention(conn, catalog.schema_oid, catalog.events_oid)
 
 
 def _connect(url: str) -> Conn:
@@ -234,11 +235,24 @@ def _check_migrations(conn: Conn, catalog: _Catalog) -> Iterator[Finding]:
         return
     applied = {int(v): (str(n), str(c)) for v, n, c in rows}
     shipped = {m.version: m for m in load_migrations()}
+    yield from _schema_version(applied, shipped)
+
+
+def _schema_version(
+    applied: Mapping[int, tuple[str, str]], shipped: Mapping[int, Migration]
+) -> Iterator[Finding]:
+    """The schema version line: the applied migrations against the shipped files.
+
+    `applied` maps version -> (file name, checksum) from relay.schema_migrations."""
+    latest = max(shipped)
+    current = max(applied, default=0)
+    at = f"version {current} ({applied[current][0]})" if applied else "no migration"
     unknown = [applied[v][0] for v in sorted(set(applied) - set(shipped))]
     if unknown:
         yield Finding(
             "FAIL",
-            f"the database has migrations this pgrelay does not ship: {', '.join(unknown)}",
+            f"schema ahead: the database is at {at}, newer than this pgrelay "
+            f"(version {latest}); it does not ship {', '.join(unknown)}",
             "upgrade pgrelay to the version that migrated this database",
         )
     edited = [
@@ -256,11 +270,26 @@ def _check_migrations(conn: Conn, catalog: _Catalog) -> Iterator[Finding]:
     pending = [m.name for v, m in sorted(shipped.items()) if v not in applied]
     if pending:
         yield Finding(
-            "FAIL", f"{len(pending)} migration(s) not applied: {', '.join(pending)}", _MIGRATE_FIX
+            "FAIL",
+            f"schema behind: the database is at {at}, this pgrelay ships version {latest}; "
+            f"not applied: {', '.join(pending)}",
+            f"run pgrelay migrate (as the role that owns the schema) to apply "
+            f"{_version_list(v for v in shipped if v not in applied)}; migrations are "
+            "additive: running daemons keep working",
         )
     if not (unknown or edited or pending):
-        latest = max(shipped.values(), key=lambda m: m.version).name
-        yield Finding("ok", f"schema relay present, migrations up to date (through {latest})")
+        yield Finding(
+            "ok",
+            f"schema version {current}, the latest this pgrelay ships: migrations up to date "
+            f"(through {shipped[latest].name})",
+        )
+
+
+def _version_list(versions: Iterable[int]) -> str:
+    numbers = sorted(versions)
+    if len(numbers) == 1:
+        return f"version {numbers[0]}"
+    return "versions " + ", ".join(map(str, numbers))
 
 
 def _check_daemon_role(conn: Conn, catalog: _Catalog) -> Iterator[Finding]:
@@ -345,13 +374,14 @@ def _check_subscriber_role(conn: Conn, catalog: _Catalog, role: str) -> Iterator
                         _one(conn, "SELECT has_function_privilege(%s::oid, 'EXECUTE')", (hook,))
                     )
     except pg_errors.InsufficientPrivilege:
-        if role == DEFAULT_SUBSCRIBER_ROLE and not _daemon_member(conn):
-            fix = f"GRANT relay_daemon TO {user}; (relay_daemon carries relay_subscriber)"
-        elif role == DEFAULT_SUBSCRIBER_ROLE:
-            fix = "GRANT relay_subscriber TO relay_daemon;"
+        if not _daemon_member(conn):
+            fix = f"GRANT relay_daemon TO {user};"
+            if role != DEFAULT_SUBSCRIBER_ROLE:
+                fix += " " + _switch_grant(conn, role, quoted)
+            else:
+                fix += " (relay_daemon may SET ROLE relay_subscriber)"
         else:
-            inherit = " WITH INHERIT FALSE" if conn.info.server_version >= 160000 else ""
-            fix = f"GRANT {quoted} TO {user}{inherit};"
+            fix = _switch_grant(conn, role, quoted)
         yield Finding(
             "FAIL",
             f"{user} cannot SET ROLE {quoted}: per-client reads would fail",
@@ -359,6 +389,15 @@ def _check_subscriber_role(conn: Conn, catalog: _Catalog, role: str) -> Iterator
         )
         return
     if not (can_select and can_execute):
+        if role == str(_one(conn, "SELECT current_user")):
+            yield Finding(
+                "FAIL",
+                f"the subscriber role {quoted} is the daemon's own login: per-client reads "
+                "would run with the daemon's rights, not under RLS as a subscriber",
+                f"set --subscriber-role or PGRELAY_SUBSCRIBER_ROLE to {DEFAULT_SUBSCRIBER_ROLE} "
+                "(authenticated on Supabase)",
+            )
+            return
         missing = "SELECT on relay.events" if not can_select else ""
         if not can_execute:
             missing += (" and " if missing else "") + "EXECUTE on relay.user_organizations()"
@@ -369,6 +408,40 @@ def _check_subscriber_role(conn: Conn, catalog: _Catalog, role: str) -> Iterator
         )
         return
     yield Finding("ok", f"{user} can SET ROLE {quoted} for per-client reads")
+    if role != DEFAULT_SUBSCRIBER_ROLE and _one(
+        conn,
+        "SELECT pg_has_role(current_user, %s, 'USAGE') AND NOT r.rolsuper "
+        "FROM pg_catalog.pg_roles AS r WHERE r.rolname = current_user",
+        (role,),
+    ):
+        # relay_subscriber's only right is SELECT on relay.events, which the
+        # daemon-role check already reports; any other role may carry more.
+        yield Finding(
+            "warn",
+            f"{user} holds the privileges of {quoted}, not only SET ROLE to it: whatever "
+            f"{quoted} may read or write, the daemon's login may too",
+            f"as a role with CREATEROLE run: REVOKE {quoted} FROM {user}; "
+            + _switch_grant(conn, role, quoted),
+        )
+
+
+def _switch_grant(conn: Conn, role: str, quoted: str) -> str:
+    """SQL that lets the daemon SET ROLE `role` without holding its privileges.
+
+    relay_daemon is NOINHERIT (002): a role granted to it can be switched to by
+    its members, and its rights (on Supabase, `authenticated` may write to
+    application tables) are never theirs implicitly. Granting `role` to the
+    daemon's login instead would hand it those rights on PostgreSQL 15 and
+    older, where a grant has no INHERIT option."""
+    inherits = _one(
+        conn, "SELECT rolinherit FROM pg_catalog.pg_roles WHERE rolname = 'relay_daemon'"
+    )
+    grant = f"GRANT {quoted} TO relay_daemon;"
+    if inherits and conn.info.server_version >= 160000:
+        grant = f"GRANT {quoted} TO relay_daemon WITH INHERIT FALSE;"
+    elif inherits:
+        grant = f"ALTER ROLE relay_daemon NOINHERIT; {grant}"
+    return f"{grant} (members of relay_daemon may then SET ROLE {quoted} but never hold its rights)"
 
 
 def _daemon_member(conn: Conn) -> bool:
@@ -522,7 +595,7 @@ def _check_notify_queue(conn: Conn) -> Iterator[Finding]:
         yield Finding("ok", f"NOTIFY queue {usage:.1%} used")
 
 
-def _check_retention(conn: Conn, schema_oid: int) -> Iterator[Finding]:
+def _check_retention(conn: Conn, schema_oid: int, events_oid: int) -> Iterator[Finding]:
     if _function_oid(conn, schema_oid, "oldest_event_age") is None:
         yield Finding(
             "warn", "cannot check retention (relay.oldest_event_age() missing; run pgrelay migrate)"
@@ -537,17 +610,45 @@ def _check_retention(conn: Conn, schema_oid: int) -> Iterator[Finding]:
             f"GRANT relay_daemon TO {_user(conn)};",
         )
         return
-    if age is None:
-        yield Finding("ok", "retention: relay.events is empty")
-    elif age <= RETENTION_MAX_AGE:
-        yield Finding("ok", f"retention running: the oldest event is {_human(age)} old")
-    else:
+    # Rows are only ever deleted by retention (only the owner has a DELETE
+    # policy, for relay.cleanup_old_events()), so rows deleted from relay.events
+    # mean retention ran. The statistics, which any role may read, count since
+    # their last reset (pg_stat_reset(), or a crash).
+    removed = int(
+        _one(
+            conn,
+            "SELECT coalesce(n_tup_del, 0) FROM pg_catalog.pg_stat_all_tables WHERE relid = %s",
+            (events_oid,),
+        )
+        or 0
+    )
+    stats_reset = _one(
+        conn,
+        "SELECT stats_reset FROM pg_catalog.pg_stat_database WHERE datname = current_database()",
+    )
+    oldest = "relay.events is empty" if age is None else f"the oldest event is {_human(age)} old"
+    if age is not None and age > RETENTION_MAX_AGE:
+        if removed:
+            what = "retention has stopped"
+        elif stats_reset is None:
+            what = "retention never ran"
+        else:
+            what = "retention is not running"
         yield Finding(
             "FAIL",
-            f"retention is not running: the oldest event is {_human(age)} old "
-            "(rows are kept 24 h and removed hourly)",
+            f"{what}: {oldest} (rows are kept 24 h and removed hourly)",
             "run SELECT relay.cleanup_old_events() hourly as a member of relay_daemon: "
             "pg_cron (README, 'Retention') or systemctl enable --now pgrelay-retention.timer",
+        )
+    elif removed:
+        yield Finding("ok", f"retention running: {oldest}")
+    else:
+        since = "" if stats_reset is None else " since the statistics were reset"
+        yield Finding(
+            "ok",
+            f"retention never ran or had nothing to remove yet{since}: {oldest}, and events "
+            "are kept 24 h; make sure relay.cleanup_old_events() is scheduled hourly "
+            "(README, 'Retention')",
         )
 
 

@@ -71,12 +71,46 @@ def setting(flag: str | None, name: str, environ: Mapping[str, str]) -> str | No
     return value if value else None
 
 
+#: libpq variables that say which server, database or role to use. Any one of
+#: them counts as the user choosing a database. Variables that only add to a
+#: connection chosen elsewhere (PGPASSWORD, PGPASSFILE, PGSERVICEFILE, PGSSL*,
+#: PGCONNECT_TIMEOUT, PGAPPNAME, PGOPTIONS...) do not: alone, libpq would fill
+#: in its defaults (the local socket, the OS user's name).
+LIBPQ_TARGET_VARIABLES: Final = (
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGDATABASE",
+    "PGUSER",
+    "PGSERVICE",
+)
+
+NO_DATABASE_MESSAGE: Final = (
+    f"no database given: pass --database-url, set {config.env_name('database_url')}, "
+    f"or set libpq's variables ({', '.join(LIBPQ_TARGET_VARIABLES)})"
+)
+
+
+def database_url(flag: str | None, environ: Mapping[str, str]) -> str:
+    """The connection string a tool uses: --database-url, else
+    PGRELAY_DATABASE_URL, else "" when a libpq target variable is set (libpq
+    reads them). ConfigError when none is given: never libpq's defaults, which
+    reach whatever server runs on this machine as the OS user."""
+    url = setting(flag or None, "database_url", environ)
+    if url is not None:
+        return url
+    if any(environ.get(name) for name in LIBPQ_TARGET_VARIABLES):
+        return ""
+    raise ConfigError(NO_DATABASE_MESSAGE)
+
+
 def add_database_url(parser: argparse.ArgumentParser, role_hint: str) -> None:
     parser.add_argument(
         "--database-url",
         metavar="URL",
         help=f"libpq URL or DSN, {role_hint} "
-        f"(default: ${config.env_name('database_url')}, else libpq's PG* variables)",
+        f"(default: ${config.env_name('database_url')}, else libpq's PG* variables; "
+        "one of the three is required)",
     )
 
 

@@ -22,11 +22,11 @@ from relay.tools.common import (
     EXIT_OK,
     ToolFailure,
     add_database_url,
+    database_url,
     environ,
     non_empty,
     org_id,
     run_command,
-    setting,
     sql_ident,
 )
 
@@ -99,7 +99,7 @@ def parse_payload(text: str | None) -> str:
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     payload = parse_payload(args.payload)
-    url = setting(args.database_url, "database_url", env) or ""
+    url = database_url(args.database_url, env)
     try:
         conn = psycopg.connect(url, autocommit=True, application_name="pgrelay-emit")
     except psycopg.OperationalError as exc:
@@ -129,10 +129,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 "as the schema owner"
             ) from None
         except pg_errors.InsufficientPrivilege:
-            raise ToolFailure(
-                f"role {user} may not call relay.emit: as the schema owner run "
-                f"GRANT relay_service TO {sql_ident(user)};"
-            ) from None
+            raise ToolFailure(_may_not_emit(conn, user)) from None
         except psycopg.DataError as exc:
             raise ConfigError(f"the database refused a value: {_primary(exc)}") from None
         except psycopg.Error as exc:
@@ -143,6 +140,26 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     else:
         print(new_id)
     return EXIT_OK
+
+
+def _may_not_emit(conn: psycopg.Connection[Any], user: str) -> str:
+    """Why `user` may not emit, and the least-privilege way out."""
+    reader = conn.execute(
+        "SELECT r.rolname FROM pg_catalog.pg_roles AS r "
+        "WHERE r.rolname IN ('relay_daemon', 'relay_subscriber') "
+        "AND pg_has_role(current_user, r.oid, 'MEMBER') ORDER BY r.rolname"
+    ).fetchone()
+    if reader is not None:
+        # Usually PGRELAY_DATABASE_URL, the daemon's own login: it only reads.
+        return (
+            f"role {user} may not call relay.emit, and should not: it is a member of "
+            f"{reader[0]}, which only reads signals; emit as your backend's role (a member "
+            "of relay_service) with --database-url"
+        )
+    return (
+        f"role {user} may not call relay.emit: as the schema owner run "
+        f"GRANT relay_service TO {sql_ident(user)};"
+    )
 
 
 def _show_notice(diag: psycopg.errors.Diagnostic) -> None:

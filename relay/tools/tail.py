@@ -31,6 +31,7 @@ from typing import Any, Final
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
 
+from relay import config
 from relay.core.codes import CloseCode, ErrorCode
 from relay.core.protocol import MAX_EVENT_TYPE_CHARS, is_valid_event_glob
 from relay.errors import ConfigError
@@ -43,6 +44,7 @@ from relay.tools.common import (
     non_empty,
     org_id,
     run_command,
+    setting,
 )
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8765/v1"
@@ -333,7 +335,11 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--token, a token is minted with the daemon's HS256 secret.",
     )
     p.add_argument("--org", required=True, type=org_id, metavar="UUID", help="organization id")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"WebSocket URL (default: {DEFAULT_URL})")
+    p.add_argument(
+        "--url",
+        help=f"WebSocket URL (default: ws://${config.env_name('listen')}/v1, the daemon's "
+        f"own address, else {DEFAULT_URL})",
+    )
     p.add_argument(
         "--cursor-file", type=Path, metavar="FILE", help="resume from, and save cursors to, FILE"
     )
@@ -357,10 +363,32 @@ def _main(args: argparse.Namespace) -> int:
     return run_command("tail", lambda: run(args, environ()))
 
 
+#: A daemon listening on every address is reached on this machine's loopback.
+_WILDCARD_TO_LOOPBACK: Final[Mapping[str, str]] = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def default_url(env: Mapping[str, str]) -> str:
+    """ws://PGRELAY_LISTEN/v1, the address `pgrelay serve` listens on with the
+    same settings (a wildcard address means this machine's loopback), else
+    DEFAULT_URL. ConfigError when PGRELAY_LISTEN is malformed."""
+    listen = setting(None, "listen", env)
+    if listen is None:
+        return DEFAULT_URL
+    try:
+        where = config.parse_host_port(listen)
+    except ValueError as exc:
+        raise ConfigError(f"{config.env_name('listen')}: {exc}") from None
+    host = _WILDCARD_TO_LOOPBACK.get(where.host, where.host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"ws://{host}:{where.port}/v1"
+
+
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    parts = urllib.parse.urlsplit(args.url)
+    url = args.url if args.url is not None else default_url(env)
+    parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ConfigError(f"--url {args.url!r} is not a ws:// or wss:// URL")
+        raise ConfigError(f"--url {url!r} is not a ws:// or wss:// URL")
     cursor = None
     if args.cursor_file is not None:
         check_cursor_path(args.cursor_file)
@@ -385,7 +413,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     session = TailSession(
         args.org, cursor=cursor, event_types=args.event_types, can_mint=mint is not None
     )
-    return trio.run(tail, args.url, session, args.token, mint, args.cursor_file)
+    return trio.run(tail, url, session, args.token, mint, args.cursor_file)
 
 
 async def tail(

@@ -8,19 +8,23 @@ The commands run through a shim that builds a `pgrelay` parser with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
+from relay.db.migrate import load_migrations
 from relay.server.jwt import AuthConfig, TokenVerifier
 from relay.tools.tail import (
     TailSession,
@@ -178,10 +182,21 @@ def test_emit_bad_input_exits_2(db: Database, argv: list[str], code: int, messag
     assert message in r.stderr
 
 
-def test_emit_as_a_role_without_relay_service_names_the_grant(db: Database) -> None:
+def test_emit_as_the_daemons_login_never_advises_a_write_grant(db: Database) -> None:
+    """PGRELAY_DATABASE_URL is the daemon's login: emitting with it must not end
+    in advice that lets the daemon write."""
     r = emit(db, role=DAEMON)
     assert r.returncode == 1
-    assert f"GRANT relay_service TO {DAEMON};" in r.stderr
+    assert "GRANT" not in r.stderr
+    assert "member of relay_daemon" in r.stderr
+    assert "emit as your backend's role (a member of relay_service)" in r.stderr
+
+
+def test_emit_as_a_role_outside_the_relay_roles_names_the_grant(db: Database) -> None:
+    with login_role(db) as role:
+        r = emit(db, role=role)
+    assert r.returncode == 1
+    assert f"GRANT relay_service TO {role};" in r.stderr
 
 
 def test_emit_on_an_unmigrated_database_says_migrate(empty_db: Database) -> None:
@@ -220,24 +235,83 @@ def test_check_on_a_healthy_database_is_all_ok(db: Database) -> None:
     assert lines(r, "warn") == []
 
 
-def test_check_reports_migrations_and_retention(db: Database) -> None:
+OLD_EVENT = (
+    "INSERT INTO relay.events (organization_id, event_type, entity_type, entity_id, "
+    "created_at) VALUES (%s, 'job.updated', 'job', 'old', now() - interval '3 days')"
+)
+
+
+def retention_line(r: subprocess.CompletedProcess[str]) -> str:
+    [line] = [line for line in r.stdout.splitlines() if "retention" in line[:40]]
+    return line
+
+
+def test_check_says_retention_never_ran_until_it_removed_something(db: Database) -> None:
     r = check(db)
     assert r.returncode == 0, r.stdout
-    assert lines(r, "warn") == []
-    assert "migrations up to date" in r.stdout
-    assert "retention: relay.events is empty" in r.stdout
+    line = retention_line(r)
+    assert line.startswith("ok    retention never ran or had nothing to remove yet: "), line
+    assert "relay.events is empty" in line
+    assert "running" not in line
 
     db.emit(ORG_A)
+    assert "retention never ran or had nothing to remove yet" in retention_line(check(db))
+
     with db.connect() as owner:  # the owner may set created_at; backends may not
-        owner.execute(
-            "INSERT INTO relay.events (organization_id, event_type, entity_type, entity_id, "
-            "created_at) VALUES (%s, 'job.updated', 'job', '1', now() - interval '3 days')",
-            (ORG_A,),
-        )
+        owner.execute(OLD_EVENT, (ORG_A,))
     r = check(db)
     assert r.returncode == 1
-    assert "FAIL  retention is not running: the oldest event is 3 days 0 h old" in r.stdout
+    assert retention_line(r).startswith("FAIL  retention never ran: the oldest event is 3 days")
     assert "pgrelay-retention.timer" in r.stdout
+
+    with db.connect(DAEMON) as daemon:  # what the timer or pg_cron runs
+        assert daemon.execute("SELECT relay.cleanup_old_events()").fetchone() == (1,)
+    r = check(db)
+    assert r.returncode == 0, r.stdout
+    assert retention_line(r).startswith("ok    retention running: the oldest event is "), r.stdout
+
+    with db.connect() as owner:
+        owner.execute(OLD_EVENT, (ORG_A,))
+    r = check(db)
+    assert r.returncode == 1
+    assert retention_line(r).startswith("FAIL  retention has stopped: the oldest event is 3 days")
+
+
+def test_check_names_the_schema_version(db: Database) -> None:
+    latest = max(load_migrations(), key=lambda m: m.version)
+    r = check(db)
+    assert (
+        f"ok    schema version {latest.version}, the latest this pgrelay ships: migrations up "
+        f"to date (through {latest.name})"
+    ) in r.stdout
+
+
+def test_check_on_a_schema_behind_names_the_versions_and_migrate_catches_up(
+    db: Database,
+) -> None:
+    """A database migrated by the previous release: check says behind, which
+    versions, and to run pgrelay migrate; after migrate it is up to date."""
+    shipped = load_migrations()
+    previous, latest = shipped[-2], shipped[-1]
+    with db.connect() as owner:
+        owner.execute("DELETE FROM relay.schema_migrations WHERE version = %s", (latest.version,))
+    r = check(db)
+    assert r.returncode == 1
+    assert (
+        f"FAIL  schema behind: the database is at version {previous.version} ({previous.name}), "
+        f"this pgrelay ships version {latest.version}; not applied: {latest.name}"
+    ) in r.stdout
+    assert (
+        "fix: run pgrelay migrate (as the role that owns the schema) to apply version "
+        f"{latest.version};"
+    ) in r.stdout
+
+    m = pgrelay("migrate", PGRELAY_DATABASE_URL=db.dsn())
+    assert m.returncode == 0, m.stderr
+    assert f"applied {latest.name}" in m.stdout
+    r = check(db)
+    assert r.returncode == 0, r.stdout
+    assert "migrations up to date" in r.stdout
 
 
 def test_check_on_an_unmigrated_database_fails_with_migrate(empty_db: Database) -> None:
@@ -255,6 +329,76 @@ def test_check_as_a_role_outside_relay_daemon_names_the_grant(db: Database) -> N
     assert f"FAIL  {BACKEND} is not a member of relay_daemon" in r.stdout
     assert f"GRANT relay_daemon TO {BACKEND};" in r.stdout
     assert f"FAIL  {BACKEND} cannot SET ROLE relay_subscriber" in r.stdout
+
+
+@contextlib.contextmanager
+def login_role(db: Database, *, login: bool = True) -> Iterator[str]:
+    """A role of this test's own (roles are cluster-wide), dropped afterwards."""
+    name = f"pgrelay_t_role_{uuid.uuid4().hex[:8]}"
+    with db.server.admin() as admin:
+        admin.execute(f"CREATE ROLE {name} {'LOGIN' if login else 'NOLOGIN'}")
+    try:
+        yield name
+    finally:
+        with psycopg.connect(db.server.dsn(dbname=db.name), autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {name} CASCADE")  # its grants in this database
+        with db.server.admin() as admin:
+            admin.execute(f"DROP ROLE {name}")
+
+
+def fix_sql(r: subprocess.CompletedProcess[str], after: str) -> str:
+    """The SQL of the first fix line that follows a finding containing `after`."""
+    out = r.stdout.splitlines()
+    i = next(n for n, line in enumerate(out) if after in line)
+    fix = out[i + 1].split(" run: ", 1)[1]
+    return fix.split(" (", 1)[0]
+
+
+def test_check_advises_a_custom_subscriber_role_without_widening_the_daemon(
+    db: Database,
+) -> None:
+    """On Supabase the subscriber role (`authenticated`) may write to the
+    application's tables. Following check's advice lets the daemon SET ROLE to
+    it, and never gives the daemon's login those rights."""
+    with login_role(db, login=False) as role:
+        with db.server.admin() as admin:
+            admin.execute(f"GRANT relay_subscriber TO {role}")
+        with db.connect() as owner:
+            owner.execute("CREATE TABLE public.jobs (id int)")
+            owner.execute(f"GRANT INSERT, UPDATE, DELETE ON public.jobs TO {role}")
+        r = check(db, "--subscriber-role", role)
+        assert r.returncode == 1
+        assert f"FAIL  {DAEMON} cannot SET ROLE {role}" in r.stdout
+        fix = fix_sql(r, f"cannot SET ROLE {role}")
+        assert DAEMON not in fix, fix
+
+        with db.server.admin() as admin:
+            admin.execute(fix)
+        r = check(db, "--subscriber-role", role)
+        assert r.returncode == 0, r.stdout
+        assert f"ok    {DAEMON} can SET ROLE {role} for per-client reads" in r.stdout
+        assert lines(r, "warn") == []
+        with db.connect(DAEMON) as daemon:
+            assert daemon.execute(
+                "SELECT has_table_privilege('public.jobs', 'INSERT, UPDATE, DELETE')"
+            ).fetchone() == (False,)
+
+
+def test_check_warns_when_the_daemon_holds_the_subscriber_roles_rights(db: Database) -> None:
+    with login_role(db, login=False) as role:
+        with db.server.admin() as admin:
+            admin.execute(f"GRANT relay_subscriber TO {role}")
+            admin.execute(f"GRANT {role} TO {DAEMON}")  # the advice of old: inherits its rights
+        r = check(db, "--subscriber-role", role)
+        assert f"warn  {DAEMON} holds the privileges of {role}, not only SET ROLE to it" in (
+            r.stdout
+        )
+        fix = fix_sql(r, f"holds the privileges of {role}")
+        with db.server.admin() as admin:
+            admin.execute(fix)
+        r = check(db, "--subscriber-role", role)
+        assert r.returncode == 0, r.stdout
+        assert lines(r, "warn") == []
 
 
 def test_check_unknown_subscriber_role_fails(db: Database) -> None:
