@@ -16,7 +16,7 @@
 -- subscriptions in SQL. The notification is only a hint: anyone who can
 -- connect can NOTIFY, so a forged one costs a recheck and nothing more.
 
-CREATE TABLE relay.stream_tickets (
+CREATE TABLE IF NOT EXISTS relay.stream_tickets (
     ticket     text PRIMARY KEY CHECK (length(ticket) BETWEEN 16 AND 128),
     token      text NOT NULL CHECK (length(token) <= 16384),
     expires_at timestamptz NOT NULL
@@ -27,7 +27,7 @@ COMMENT ON TABLE relay.stream_tickets IS
 
 -- relay.create_stream_ticket: the daemon (relay_daemon) stores a verified token
 -- under a random ticket; expired tickets are swept on the way (bounded work).
-CREATE FUNCTION relay.create_stream_ticket(ticket text, token text, ttl interval)
+CREATE OR REPLACE FUNCTION relay.create_stream_ticket(ticket text, token text, ttl interval)
     RETURNS void
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -48,7 +48,7 @@ GRANT EXECUTE ON FUNCTION relay.create_stream_ticket(text, text, interval) TO re
 
 -- relay.redeem_stream_ticket: the token a live ticket stands for, once
 -- (the row is deleted); NULL for an unknown, used or expired ticket.
-CREATE FUNCTION relay.redeem_stream_ticket(ticket text) RETURNS text
+CREATE OR REPLACE FUNCTION relay.redeem_stream_ticket(ticket text) RETURNS text
     LANGUAGE sql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
@@ -63,7 +63,7 @@ GRANT EXECUTE ON FUNCTION relay.redeem_stream_ticket(text) TO relay_daemon;
 -- table, or from your backend) when what relay.user_organizations() returns for
 -- `subject` (the token's `sub`) may have changed. Every daemon rechecks that
 -- subject's subscriptions within about a second. EXECUTE for relay_service.
-CREATE FUNCTION relay.notify_membership_changed(subject text) RETURNS void
+CREATE OR REPLACE FUNCTION relay.notify_membership_changed(subject text) RETURNS void
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
