@@ -619,8 +619,31 @@ def _banner(
             f"  psql {shlex.quote(db.backend_url)} -c "
             f"\"SELECT relay.emit('{DEMO_ORG}', 'job.updated', 'job', '42')\"",
             "",
+            "In another shell, these make the README's pgrelay token, emit and tail work:",
+            *(f"  {line}" for line in export_lines(daemon, db, routes.secret)),
+            "",
         ]
     )
+
+
+def export_lines(daemon: Daemon, db: DevDatabase, secret: str) -> list[str]:
+    """`export` lines for another shell: the dev secret (pgrelay token, tail), where
+    the WebSocket listens (tail), the backend's database (emit), and `pgrelay`
+    on PATH when it is not already."""
+    s = daemon.settings
+    host = s.listen.host if s.listen.host not in _WILDCARD else "127.0.0.1"
+    lines = [
+        f"export PGRELAY_JWT_SECRET={shlex.quote(secret)}",
+        f"export PGRELAY_LISTEN={shlex.quote(f'{host}:{daemon.ws_port}')}",
+        f"export PGRELAY_DATABASE_URL={shlex.quote(db.backend_url)}",
+    ]
+    scripts = Path(sys.executable).parent
+    found = shutil.which("pgrelay")
+    if (scripts / "pgrelay").exists() and (
+        found is None or Path(found).resolve() != (scripts / "pgrelay").resolve()
+    ):
+        lines.append(f'export PATH={shlex.quote(str(scripts))}:"$PATH"')
+    return lines
 
 
 def _term_as_interrupt(_signum: int, frame: FrameType | None) -> None:

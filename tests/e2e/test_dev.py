@@ -8,6 +8,7 @@ without them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -394,3 +395,63 @@ def test_demo_jobs_board_on_two_devices(
         a.quit()
         if b is not None:
             b.quit()
+
+
+def _readme_block_after_make_run() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- after-make-run -->", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_commands_after_make_run_work_as_printed(
+    dev: DevProcess, tmp_path: Path
+) -> None:
+    """The export lines pgrelay dev prints, then the README's block, line by line."""
+    exports = [ln.strip() for ln in dev.banner().splitlines() if ln.strip().startswith("export ")]
+    assert {e.split("=", 1)[0] for e in exports} >= {
+        "export PGRELAY_JWT_SECRET",
+        "export PGRELAY_LISTEN",
+        "export PGRELAY_DATABASE_URL",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGRELAY_", "PG"))}
+    token_line, tail_line, emit_line = _readme_block_after_make_run()
+
+    def run(line: str) -> subprocess.CompletedProcess[str]:
+        script = "\n".join([*exports, line])
+        return subprocess.run(
+            ["bash", "-c", script],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    minted = run(token_line)
+    assert minted.returncode == 0, minted.stderr
+    assert minted.stdout.count(".") == 2  # a JWT
+
+    tail_script = "\n".join([*exports, "exec " + tail_line.removesuffix("&").strip()])
+    with open(tmp_path / "tail.out", "wb") as out:
+        tail = subprocess.Popen(
+            ["bash", "-c", tail_script], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (tmp_path / "demo.cursor").exists():
+            time.sleep(0.1)  # subscribed: tail saved its first cursor
+        emitted = run(emit_line)
+        assert emitted.returncode == 0, emitted.stderr
+        new_id = int(emitted.stdout.strip())
+        while time.monotonic() < deadline:
+            lines = (tmp_path / "tail.out").read_text().splitlines()
+            events = [json.loads(ln) for ln in lines if ln.startswith("{")]
+            if any(e.get("id") == new_id for e in events):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError((tmp_path / "tail.out").read_text())
+    finally:
+        tail.terminate()
+        tail.wait(timeout=10)
