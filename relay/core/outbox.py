@@ -323,6 +323,7 @@ class Output:
     caller closes with 4008."""
 
     __slots__ = (
+        "_corked",
         "_outbox",
         "_progress_at",
         "_wrap",
@@ -354,6 +355,8 @@ class Output:
         """Created when the transport first refuses a frame, then kept (it
         remembers recent overflows)."""
         self._progress_at = 0.0
+        self._corked: list[tuple[EventRow, str, bytes]] | None = None
+        """Events held by `cork` until `uncork` (None: not corked)."""
 
     def wrap(self, message: bytes) -> bytes:
         """The bytes that carry `message` on the transport (a WebSocket frame)."""
@@ -380,8 +383,21 @@ class Output:
         deadline = self.stall_deadline()
         return deadline is not None and now >= deadline
 
+    def cork(self) -> None:
+        """Hold events until `uncork`, so that what one tail page brings a
+        connection goes out in one write (several frames, one `send()`)."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self, now: float) -> bool:
+        """Send what `cork` held, in one write when the transport takes it."""
+        corked, self._corked = self._corked, None
+        return self._events(corked, now) if corked else True
+
     def control(self, message: bytes, now: float) -> bool:
         """Send a control message (never coalesced or dropped while the connection lives)."""
+        if self._corked:
+            self.uncork(now)
         frame = self._wrap(message)
         outbox = self._outbox
         if not outbox:
@@ -396,6 +412,10 @@ class Output:
         `encode_event(row, cursor)`, encoded once for every recipient."""
         if not self.shared_frames:
             frame = self._wrap(encode_event(row, cursor))
+        corked = self._corked
+        if corked is not None:
+            corked.append((row, cursor, frame))
+            return True
         outbox = self._outbox
         if not outbox:
             self._sending(now)
@@ -407,6 +427,8 @@ class Output:
 
     def coalesced_event(self, row: EventRow, cursor: str, count: int, now: float) -> bool:
         """Send an event that stands for `count` events of its key."""
+        if self._corked:
+            self.uncork(now)
         frame = self._wrap(encode_event(row, cursor, count))
         outbox = self._outbox
         if not outbox:
@@ -421,16 +443,46 @@ class Output:
         """Send a batch of catch-up events (row, cursor, frame) in one write. The
         caller paces catch-ups by `has_room`, so a batch fits what the transport
         takes; if it ever does not, the events queue like live ones."""
+        if self._corked:
+            self.uncork(now)
         self.stats.catch_up_events += len(batch)
+        return self._events(batch, now)
+
+    def _events(self, batch: list[tuple[EventRow, str, bytes]], now: float) -> bool:
+        """Events (row, cursor, frame): as few writes as the transport's bound
+        allows (frames together up to what it may hold), the rest queued like
+        live ones."""
         outbox = self._outbox
+        sent = 0
         if not outbox:
             self._sending(now)
-            if self.transport.send_nowait(b"".join(frame for _, _, frame in batch)):
-                self.stats.events_sent += len(batch)
+            transport = self.transport
+            limit = self.limits.transport_bytes
+            while sent < len(batch):
+                unsent = transport.unsent_bytes
+                room = limit - unsent
+                end, size = sent, 0
+                while end < len(batch) and (
+                    size + len(batch[end][2]) <= room or (end == sent and not unsent)
+                ):
+                    size += len(batch[end][2])
+                    end += 1
+                if end == sent:
+                    break
+                data = (
+                    batch[sent][2]
+                    if end == sent + 1
+                    else b"".join(f for _, _, f in batch[sent:end])
+                )
+                if not transport.send_nowait(data):
+                    break
+                self.stats.events_sent += end - sent
+                sent = end
+            if sent == len(batch):
                 return True
             outbox = self._queue()
         ok = True
-        for row, cursor, frame in batch:
+        for row, cursor, frame in batch[sent:]:
             ok = self._pushed(outbox.push_event(row, cursor, frame, now), now) and ok
         return ok
 
@@ -439,6 +491,8 @@ class Output:
 
         Keeps the drain invariant (module docstring): on return, the outbox is
         empty or the transport holds unsent bytes, so it calls this again."""
+        if self._corked:
+            self.uncork(now)
         self._progress_at = now
         outbox = self._outbox
         transport = self.transport

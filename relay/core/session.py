@@ -556,6 +556,17 @@ class Session:
             return self._schedule([])  # a coalescing window or the stall clock may start
         return _NONE
 
+    def flush(self, now: float) -> list[Action]:
+        """The fan-out finished a stretch of offers: send what `Output.cork` held
+        (one write for the connection's share of a tail page)."""
+        if self.state is SessionState.CLOSED:
+            return []
+        if not self.output.uncork(now):
+            return self._too_slow()
+        if self.output.transport.unsent_bytes:
+            return self._schedule([])  # the stall clock may start
+        return []
+
     def output_drained(self, now: float) -> list[Action]:
         """The socket took most of what waited: move queued frames on, and let
         catch-ups continue."""

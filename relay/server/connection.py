@@ -208,7 +208,14 @@ class Connection:
     def offer(
         self, subscription: Subscription, row: EventRow, cursor: str, frame: bytes, now: float
     ) -> None:
-        actions = self.session.live_row(subscription, row, cursor, frame, now)
+        session = self.session
+        session.output.cork()  # until `flush`: one write for this stretch of the fan-out
+        actions = session.live_row(subscription, row, cursor, frame, now)
+        if actions:
+            self._apply(actions)
+
+    def flush(self, now: float) -> None:
+        actions = self.session.flush(now)
         if actions:
             self._apply(actions)
 

@@ -42,7 +42,11 @@ class Follower(Hashable, Protocol):
     def offer(
         self, subscription: Subscription, row: EventRow, cursor: str, frame: bytes, now: float
     ) -> None:
-        """A live row for `subscription` (never blocks, never raises)."""
+        """A live row for `subscription` (never blocks, never raises). Between the
+        first offer of a stretch and `flush`, the follower may hold what it got."""
+
+    def flush(self, now: float) -> None:
+        """The end of a stretch of offers: send what was held, in one write."""
 
     def database_changed(self, epoch: str, head: Snapshot, now: float) -> None:
         """The tail found another database: resync every subscription at `head`."""
@@ -67,6 +71,13 @@ def _age_s(created_at: str, now: float) -> float:
         return max(0.0, now - datetime.fromisoformat(created_at).timestamp())
     except ValueError:
         return 0.0
+
+
+def _flush(touched: dict[Follower, None], now: float) -> None:
+    """Each follower sends what this stretch of the fan-out brought it, in one write."""
+    for follower in touched:
+        follower.flush(now)
+    touched.clear()
 
 
 class Hub:
@@ -105,6 +116,7 @@ class Hub:
         budget = FANOUT_CHUNK
         subscribers = self._registry.subscribers
         commit_to_send = self.metrics.commit_to_send
+        touched: dict[Follower, None] = {}
         for row, cursor in zip(page, cursors, strict=True):
             followers = subscribers(row.org)
             if not followers:
@@ -114,6 +126,7 @@ class Hub:
             for follower, subscription in followers:
                 if subscription.filter.filtered and not subscription.filter.matches(row.event_type):
                     continue
+                touched[follower] = None
                 follower.offer(subscription, row, cursor, frame, now)
                 offered += 1
             if offered:
@@ -121,8 +134,10 @@ class Hub:
                 commit_to_send.observe(_age_s(row.created_at, now))
             if budget <= 0:
                 budget = FANOUT_CHUNK
+                _flush(touched, now)
                 await trio.lowlevel.checkpoint()
                 now = self.clock()
+        _flush(touched, now)
 
     def database_changed(self) -> None:
         """The tail moved to another database's epoch (`position`): every follower

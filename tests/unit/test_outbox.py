@@ -249,3 +249,35 @@ def test_a_stalled_client_is_hopeless_even_while_its_events_are_absorbed() -> No
     assert all(results)  # collapsed into a resync, the client is not hopeless yet
     assert event(out, 10, now=1.0)
     assert not event(out, 11, now=6.0)
+
+
+def test_corked_events_go_out_in_one_write_and_keep_their_order() -> None:
+    pipe = Pipe()
+    out = output(pipe)
+    out.cork()
+    for i in range(10):
+        assert event(out, i)
+    assert pipe.sends == 0 and out.stats.events_sent == 0  # held
+    assert out.uncork(0.0) and pipe.sends == 1 and out.stats.events_sent == 10
+    out.cork()
+    event(out, 10)
+    out.control(encode_pong("p"), 0.0)  # a control frame sends what was held first
+    event(out, 11)
+    out.uncork(0.0)
+    pipe.read()
+    frames = pipe.frames()
+    assert [f.get("id", f["type"]) for f in frames] == [*range(11), "pong", 11]
+
+
+def test_a_corked_batch_the_socket_refuses_queues_like_live_events() -> None:
+    pipe = Pipe(kernel_bytes=0, unsent_bound=1024)
+    out = output(pipe, outbox=OutboxLimits(max_frames=10_000, max_bytes=1 << 30))
+    pipe.on_drain = lambda: out.drained(1.0)
+    event(out, 0)  # fills what the transport may hold
+    out.cork()
+    for i in range(1, 50):
+        event(out, i)
+    assert out.uncork(0.0)
+    pipe.kernel_bytes = 1 << 30
+    pipe.read()
+    assert received_ids(pipe) == list(range(50))
