@@ -5,9 +5,11 @@ and the event-stream (SSE) connection.
 whatever the kernel did not take waits in a bounded buffer, and a writer task
 (the only task that waits for writability) sends everything waiting in one
 `send()` when the socket drains. The writer exists only while bytes wait or a
-finish is under way: an idle connection has no writer task. Data that would
-push the waiting bytes over `max_unsent_bytes` is refused (`SendResult.OVERFLOW`),
-so the caller decides what to do with a slow peer. After each send that leaves
+finish is under way: an idle connection has no writer task. While bytes wait,
+data that would push them over `max_unsent_bytes` is refused
+(`SendResult.OVERFLOW`), so the caller decides what to do with a slow peer;
+with nothing waiting, any one write is taken (so at most one write past the
+bound ever waits, and a refusal always leaves a drain callback to come). After each send that leaves
 at most `drain_low_water_bytes` waiting, the drain callback runs (in the writer
 task), so the owner can move more from its own queue.
 
@@ -105,7 +107,9 @@ class SocketWriter:
         if self._finishing or self.broken:
             return SendResult.CLOSED
         pending = self._pending
-        if len(pending) + len(data) > self.max_unsent_bytes:
+        # Nothing waiting: any one write is taken (a caller sizes its writes by the
+        # bound, but framing added after, as an event stream's, may pass it).
+        if pending and len(pending) + len(data) > self.max_unsent_bytes:
             return SendResult.OVERFLOW
         if pending:
             pending += data

@@ -395,3 +395,22 @@ async def test_one_heartbeat_timer_pings_every_connection() -> None:
             assert await answering.get_message() == "still here"
         for client in silent:
             client.close()
+
+
+async def test_one_write_past_the_bound_is_taken_when_nothing_waits() -> None:
+    """An event stream frames its batch after `Output` sized it by the bound: the
+    writer must take such a write when nothing waits (a refusal then would leave
+    no drain to come, and the stream would stall), and refuse the next one."""
+    limits = dataclasses.replace(
+        FAST, max_unsent_bytes=8 * 1024, drain_low_water_bytes=1024, send_buffer_bytes=4096
+    )
+    async with serving(hold_open, limits=limits) as served:
+        stalled = await RawClient.connect(served.port, rcvbuf=4096)
+        await stalled.upgrade()
+        await served.arrived.wait()
+        (connection,) = served.connections
+        big = encode_text_frame(b"b" * (3 * limits.max_unsent_bytes))
+        assert connection.send_frame_nowait(big).accepted
+        assert connection.unsent_bytes > limits.max_unsent_bytes  # the kernel took only part
+        assert connection.send_frame_nowait(encode_text_frame(b"x")) is SendResult.OVERFLOW
+        stalled.close()
