@@ -214,7 +214,10 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "recheck_interval_s": (_non_negative_float, "re-authorize subscriptions this often"),
     "auth_timeout_s": (_non_negative_float, "close with 4002 when no valid auth arrives by then"),
     "replay_limit": (_positive_int, "max events a resume replays before resync"),
-    "pool_size": (_positive_int, "database connections for tail, catch-up, authorization"),
+    "pool_size": (
+        _positive_int,
+        "pooled connections for catch-ups and authorization (plus one listener, one tail)",
+    ),
     "max_connections": (_positive_int, "WebSocket connections in total"),
     "max_connections_per_ip": (_positive_int, "WebSocket connections per client IP"),
     "max_connections_per_user": (_positive_int, "WebSocket connections per token subject"),

@@ -1,5 +1,6 @@
 """The daemon's connections to Postgres: a psycopg-pool pool whose blocking
-calls run in worker threads, and the dedicated LISTEN connection.
+calls run in worker threads, the dedicated LISTEN connection and the tail's
+own connection.
 
 psycopg's async API runs only under asyncio, so under trio every blocking
 call goes through ``trio.to_thread.run_sync``, bounded by a capacity limiter
@@ -32,6 +33,9 @@ KEEPALIVE_COUNT = 3
 TCP_USER_TIMEOUT_MS = 30_000
 
 LISTENER_APPLICATION_NAME = "pgrelay-listener"
+TAIL_APPLICATION_NAME = "pgrelay-tail"
+#: A tail step that takes longer than this is cut by the server (and retried).
+TAIL_STATEMENT_TIMEOUT_MS = 30_000
 POOL_APPLICATION_NAME = "pgrelay"
 
 P = ParamSpec("P")
@@ -65,6 +69,20 @@ def connect_listener(database_url: str, channel: str) -> Conn:
             conn.execute("SET idle_session_timeout = 0")
         conn.execute("SET statement_timeout = 0")
         conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def connect_tail(database_url: str) -> Conn:
+    """Blocking: the tail's own autocommit connection (see relay.db.tail_connection)."""
+    conninfo = make_conninfo(
+        database_url, application_name=TAIL_APPLICATION_NAME, **_keepalive_params()
+    )
+    conn = psycopg.connect(conninfo, autocommit=True)
+    try:
+        conn.execute(f"SET statement_timeout = {int(TAIL_STATEMENT_TIMEOUT_MS)}")
     except BaseException:
         conn.close()
         raise
@@ -113,8 +131,3 @@ class Database:
         # Abandoned when cancelled (a connection closing, a stop during start-up):
         # the thread finishes on its own and gives its connection back.
         return await trio.to_thread.run_sync(call, limiter=self.limiter, abandon_on_cancel=True)
-
-    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in a worker thread under the pool's limiter (for code
-        that takes and returns pooled connections itself, as the tail does)."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)

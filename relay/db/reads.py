@@ -16,7 +16,7 @@ import base64
 import contextlib
 import hashlib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -129,96 +129,27 @@ def database_epoch(conn: Conn) -> str:
     return short_epoch(str(row[0]))
 
 
-class TailRead:
-    """One step of the live tail: the rows visible now (S) but not in `since`.
-
-    `open` sends BEGIN, the snapshot query and the first page in one pipelined
-    round trip, so that a typical step (one short page) costs a single trip to
-    the server and a single hop to a worker thread. `next_page` reads further
-    pages in the same snapshot. The transaction ends (and `release` gives the
-    connection back) with the first short page, or with `close` on errors.
-    """
-
-    def __init__(
-        self,
-        conn: Conn,
-        since: Snapshot,
-        *,
-        page_rows: int = PAGE_ROWS,
-        release: Callable[[Conn], None] | None = None,
-    ) -> None:
-        self.conn = conn
-        self.since = since
-        self.page_rows = page_rows
-        self.release = release
-        self.snapshot: Snapshot
-        self.epoch: str | None = None
-        """relay.database_epoch() as cursors carry it, when `open` was asked for it."""
-        self.done = False
-        self.first_page: list[EventRow] = []
-        """What `open` returned (kept for the caller that opened it in a thread)."""
-        self._after_id = 0
-
-    def open(self, *, with_epoch: bool = False) -> list[EventRow]:
-        """Start the step; returns the first page."""
-        head_sql = "SELECT pg_current_snapshot()::text" + (
-            ", relay.database_epoch()" if with_epoch else ""
-        )
-        params = _since_params(self.since) | {"after": 0, "limit": self.page_rows}
-        try:
-            with self.conn.pipeline():
-                self.conn.execute(_BEGIN_SNAPSHOT)
-                head = self.conn.execute(head_sql)
-                page = self.conn.execute(TAIL_SQL, params)
-            row = head.fetchone()
-            assert row is not None
-            self.snapshot = Snapshot.parse(row[0])
-            if with_epoch:
-                self.epoch = short_epoch(str(row[1]))
-            return self._paged([_row(r) for r in page.fetchall()])
-        except BaseException:
-            self.close()
-            raise
-
-    def next_page(self) -> list[EventRow]:
-        """The next page of the same snapshot (only while not `done`)."""
-        assert not self.done
-        params = _since_params(self.since) | {"after": self._after_id, "limit": self.page_rows}
-        try:
-            return self._paged([_row(r) for r in self.conn.execute(TAIL_SQL, params)])
-        except BaseException:
-            self.close()
-            raise
-
-    def _paged(self, rows: list[EventRow]) -> list[EventRow]:
-        if len(rows) < self.page_rows:
-            self.close()
-        else:
-            self._after_id = rows[-1].id
-        return rows
-
-    def close(self) -> None:
-        """End the transaction (read only: nothing to commit) and release the connection."""
-        if self.done:
-            return
-        self.done = True
-        try:
-            if not self.conn.broken:
-                self.conn.execute("ROLLBACK")
-        finally:
-            if self.release is not None:
-                self.release(self.conn)
-
-
 def read_tail(
     conn: Conn, since: Snapshot, *, page_rows: int = PAGE_ROWS
 ) -> tuple[list[EventRow], Snapshot]:
-    """Every row committed between `since` and now, in id order, and the new snapshot."""
-    step = TailRead(conn, since, page_rows=page_rows)
-    rows = step.open()
-    while not step.done:
-        rows += step.next_page()
-    return rows, step.snapshot
+    """Every row committed between `since` and now, in the tail's order, and the
+    new snapshot (an autocommit `conn`; the daemon's tail reads the same SQL
+    function on its own connection, see relay.db.tail_connection)."""
+    rows: list[EventRow] = []
+    conn.execute(_BEGIN_SNAPSHOT)
+    try:
+        head = current_snapshot(conn)
+        after = 0
+        while True:
+            params = _since_params(since) | {"after": after, "limit": page_rows}
+            page = [_row(r) for r in conn.execute(TAIL_SQL, params)]
+            rows += page
+            if len(page) < page_rows:
+                return rows, head
+            after = page[-1].id
+    finally:
+        if not conn.broken:
+            conn.execute("ROLLBACK")
 
 
 @contextlib.contextmanager

@@ -4,15 +4,20 @@ Two tasks:
 - the *listener* (`relay.db.listener`) holds the dedicated LISTEN connection,
   rings the doorbell, proves with a probe that it still receives, and heals;
   it rings once more after every reconnect;
-- the *tail loop* runs one step whenever the doorbell rings, and at the
-  latest every ``poll_interval`` (the fallback timer, or the only trigger in
-  poll mode, with the doorbell trigger disabled in SQL).
+- the *reader* runs one step whenever the doorbell rings, and at the latest
+  every ``poll_interval`` (the fallback timer, or the only trigger in poll
+  mode, with the doorbell trigger disabled in SQL);
+- the *deliverer* hands the pages the reader read to the hub.
 
-A step reads, on a pooled connection, the rows visible now (S) but not in
-the previous snapshot P, page by page, hands each page to the hub, and only
-then moves P to S. A failed step leaves P where it was, so a dropped
-connection or a restarted server costs latency, never events. The content
-of a notification is ignored: anyone who can connect can NOTIFY.
+A step reads, on the tail's own connection (`relay.db.tail_connection`: no
+worker thread, one round trip), the rows visible now (S) but not in the
+previous snapshot P, page by page. The reader may read the next step while
+the deliverer still fans out the previous one (at most one page ahead), so
+database time and fan-out overlap. The position the hub sees moves to S only
+once the step's last page was delivered. A failed read is retried from the
+same P, so a dropped connection or a restarted server costs latency, never
+events. The content of a notification is ignored: anyone who can connect can
+NOTIFY.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from relay.core.cursor import Cursor, Snapshot, TailPosition
 from relay.core.protocol import EventRow
 from relay.db.listener import PROBE_INTERVAL_S, Backoff, Listener
 from relay.db.migrate import schema_state
-from relay.db.pool import Conn, Database, connect_listener
-from relay.db.reads import PAGE_ROWS, TailRead, current_snapshot, database_epoch
+from relay.db.pool import Conn, Database, connect_listener, connect_tail
+from relay.db.reads import PAGE_ROWS, current_snapshot, database_epoch, short_epoch
+from relay.db.tail_connection import TailConnection, rows_of, step_sql
 from relay.server.metrics import Metrics
 
 #: The database epoch is re-read at least this often (and after every reconnect).
@@ -52,6 +58,36 @@ class Sink(Protocol):
     def database_changed(self) -> None:
         """The database changed under us (see `Tailer.position`): every
         subscription must resync."""
+
+
+class _Page:
+    """One page of a step, from the reader to the deliverer."""
+
+    __slots__ = ("head", "head_cursor", "rows", "since_cursor")
+
+    def __init__(
+        self,
+        rows: list[EventRow],
+        since_cursor: str,
+        head_cursor: str | None,
+        head: Snapshot | None,
+    ) -> None:
+        self.rows = rows
+        self.since_cursor = since_cursor
+        self.head_cursor = head_cursor
+        """Set on the step's last page: the step's S as a cursor."""
+        self.head = head
+        """Set on the step's last page: S (the position moves there after it)."""
+
+
+class _Changed:
+    """The database's epoch changed (restore, failover): start over at `head`."""
+
+    __slots__ = ("epoch", "head")
+
+    def __init__(self, epoch: str, head: Snapshot) -> None:
+        self.epoch = epoch
+        self.head = head
 
 
 class Tailer:
@@ -84,7 +120,9 @@ class Tailer:
         )
         self.position = position
         """Where the tail stands: epoch and the last step's snapshot (shared with the hub)."""
-        self._listen_generation = -1
+        self.connection = TailConnection(lambda: connect_tail(db.database_url))
+        self._read_at: Snapshot | None = None
+        """The reader's P: the last step it read (the deliverer may still be on it)."""
         self._epoch_due = True
         self._epoch_checked_at = 0.0
         self.heartbeat_at = 0.0
@@ -141,6 +179,14 @@ class Tailer:
 
     # -- the tail loop ------------------------------------------------------
     async def _tail_loop(self) -> None:
+        self._read_at = self.position.snapshot
+        send, receive = trio.open_memory_channel[_Page | _Changed](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_steps, send)
+            await self._deliver_steps(receive)
+
+    async def _read_steps(self, send: trio.MemorySendChannel[_Page | _Changed]) -> None:
+        backoff = Backoff(initial_s=STEP_RETRY_S)
         while True:
             # Comes round at least once per poll interval, even while steps fail: a
             # stale heartbeat means a stuck step, not a database outage.
@@ -150,59 +196,99 @@ class Tailer:
             # A new event before reading: a ring during the step means another step.
             self._doorbell = trio.Event()
             try:
-                await self.step()
+                await self._read_step(send)
+                backoff.reset()
             except psycopg.Error as exc:
-                log.warning("tail step failed; will retry", error=str(exc).strip())
-                await trio.sleep(STEP_RETRY_S)
+                wait = backoff.next()
+                log.warning("tail step failed; will retry", error=str(exc).strip(), retry_in_s=wait)
+                await trio.sleep(wait)
                 self.ring()
 
-    async def step(self) -> int:
-        """Deliver every row committed since the last step; returns how many.
+    async def _read_step(self, send: trio.MemorySendChannel[_Page | _Changed]) -> None:
+        """Read every row committed since the reader's P, page by page, onto `send`.
 
-        A typical step is one hop to a worker thread and one pipelined round trip
-        (see reads.TailRead). The database epoch is checked on the first step,
-        after every listener reconnect, and every EPOCH_CHECK_INTERVAL_S."""
-        position = self.position
-        since = position.snapshot
+        A typical step is one round trip on the tail's own connection. The database
+        epoch is checked on the first step, after every listener reconnect, and
+        every EPOCH_CHECK_INTERVAL_S."""
+        since = self._read_at
         assert since is not None
         started_at = trio.current_time()
         with_epoch = self._epoch_due or started_at - self._epoch_checked_at > EPOCH_CHECK_INTERVAL_S
-        read = await self.db.in_thread(self._open_step, since, with_epoch)
-        delivered = 0
+        connection = self.connection
+        results = await connection.query(
+            step_sql(since, after_id=0, limit=self.page_rows, begin=True, with_epoch=with_epoch)
+        )
         try:
+            head_result, page_result = results[1], results[2]
+            head = Snapshot.parse((head_result.get_value(0, 0) or b"").decode())
+            epoch = self.position.epoch
             if with_epoch:
+                epoch = short_epoch((head_result.get_value(0, 1) or b"").decode())
                 self._epoch_due = False
                 self._epoch_checked_at = started_at
-            if (with_epoch and read.epoch != position.epoch) or read.snapshot.xmax < since.xmax:
-                self._database_changed(read.epoch or position.epoch, read.snapshot)
-                return 0
-            since_cursor = Cursor(position.epoch, since).encode()
-            head_cursor = Cursor(position.epoch, read.snapshot).encode()
-            page = read.first_page
-            while True:
-                if page:
-                    delivered += len(page)
-                    self.metrics.events_read.inc(len(page))
-                    await self.sink.deliver(
-                        page, since_cursor, None if not read.done else head_cursor
-                    )
-                if read.done:
-                    break
-                page = await self.db.in_thread(read.next_page)
-            position.snapshot = read.snapshot
-        finally:
-            if not read.done:  # cancelled or failed mid-step: end it, give the connection back
-                with trio.CancelScope(shield=True):
-                    await self.db.in_thread(read.close)
-            self.metrics.tail_query.observe(trio.current_time() - started_at)
+            if epoch != self.position.epoch or head.xmax < since.xmax:
+                await connection.send_without_waiting(b"ROLLBACK")
+                self._read_at = head
+                await send.send(_Changed(epoch, head))
+                return
+            since_cursor = Cursor(epoch, since).encode()
+            head_cursor = Cursor(epoch, head).encode()
+            rows = rows_of(page_result)
+            while len(rows) == self.page_rows:
+                more = rows_of(
+                    (
+                        await connection.query(
+                            step_sql(
+                                since,
+                                after_id=rows[-1].id,
+                                limit=self.page_rows,
+                                begin=False,
+                                with_epoch=False,
+                            )
+                        )
+                    )[0]
+                )
+                self.metrics.events_read.inc(len(rows))
+                await send.send(_Page(rows, since_cursor, None, None))
+                rows = more
+            await connection.send_without_waiting(b"ROLLBACK")
+        except BaseException:
+            connection.close()  # mid-step: its transaction and results are unknown
+            raise
+        if rows:
+            self.metrics.events_read.inc(len(rows))
+        self.metrics.tail_query.observe(trio.current_time() - started_at)
+        self._read_at = head
+        await send.send(_Page(rows, since_cursor, head_cursor, head))
+
+    async def _deliver_steps(self, receive: trio.MemoryReceiveChannel[_Page | _Changed]) -> int:
+        """Hand what the reader read to the hub; returns how many rows."""
+        delivered = 0
+        async for item in receive:
+            if isinstance(item, _Changed):
+                self._database_changed(item.epoch, item.head)
+                continue
+            if item.rows:
+                delivered += len(item.rows)
+                await self.sink.deliver(item.rows, item.since_cursor, item.head_cursor)
+            if item.head is not None:
+                self.position.snapshot = item.head
         return delivered
 
-    def _open_step(self, since: Snapshot, with_epoch: bool) -> TailRead:
-        """In a worker thread: take a pooled connection and start a step on it."""
-        pool = self.db.pool
-        read = TailRead(pool.getconn(), since, page_rows=self.page_rows, release=pool.putconn)
-        read.first_page = read.open(with_epoch=with_epoch)
-        return read
+    async def step(self) -> int:
+        """Read and deliver every row committed since the last step; returns how
+        many (tests and tools: the running tail loops over the same two parts)."""
+        if self._read_at is None:
+            self._read_at = self.position.snapshot
+        send, receive = trio.open_memory_channel[_Page | _Changed](1)
+
+        async def read() -> None:
+            async with send:
+                await self._read_step(send)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            return await self._deliver_steps(receive)
 
     def _database_changed(self, epoch: str, snapshot: Snapshot) -> None:
         """Restored, failed over to a diverged replica, or a different database: what

@@ -427,6 +427,30 @@ async def test_listener_killed_and_postgres_restarted_lose_nothing(fault_relay) 
     assert [e["id"] for e in got] == expected
 
 
+@pytest.mark.fault
+async def test_the_tails_connection_killed_under_load_loses_nothing(fault_relay) -> None:  # type: ignore[no-untyped-def]
+    """The tail reads on its own connection; killed between and during steps, it
+    reconnects and reads from where it stood: every event, once, in order."""
+    server, relay = fault_relay
+    async with connect(relay.ws_url) as ws:
+        c = Client(ws)
+        await c.auth(relay.token([ORG_A]))
+        await c.subscribe(ORG_A)
+        expected: list[int] = []
+        killed_any = False
+        for round_ in range(6):
+            expected += [relay.db.emit(ORG_A, entity_id=f"r{round_}-{i}") for i in range(200)]
+            with server.admin() as admin:
+                killed = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'pgrelay-tail'"
+                ).fetchall()
+            killed_any = killed_any or killed == [(True,)]
+        got = await c.events(len(expected), timeout_s=30)
+    assert killed_any
+    assert [e["id"] for e in got] == expected
+
+
 # -- a client that stops reading ----------------------------------------------------
 
 
