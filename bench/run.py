@@ -1521,7 +1521,9 @@ def storm_pass(
     drops0 = listen_drops()
     spy, spy_out = None, RESULTS / "profile-storm.speedscope.json"
     if profile:
-        spy = start_py_spy(relay, spy_out, args, seconds=args.storm_profile_s)
+        # Sampled for the whole pass: stopped (SIGINT: it writes its file) when the
+        # pass ends; -d only bounds it.
+        spy = start_py_spy(relay, spy_out, args, seconds=args.storm_timeout_s + 30)
         time.sleep(1.0)  # py-spy attaches
     label = "storm (profiled)" if profile else "storm"
     log(f"{label} pass {k + 1}: {n:,} clients reconnect and resume {missed} missed events each")
@@ -1660,6 +1662,8 @@ def start_py_spy(
 def finish_py_spy(
     spy: subprocess.Popen[bytes], out: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
+    if spy.poll() is None:
+        spy.send_signal(signal.SIGINT)
     try:
         _, err = spy.communicate(timeout=60)
         error = err.decode(errors="replace")[-500:] if spy.returncode else ""
@@ -2212,7 +2216,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="storm passes (the same clients again, from their new cursors); the first "
         "is reported, the last profiled when there are two or more",
     )
-    p.add_argument("--storm-profile-s", type=float, default=8.0, help="py-spy seconds")
     p.add_argument("--no-profile", action="store_true", help="no py-spy in the storm")
     p.add_argument("--batch-rows", type=int, default=100, help="rows per throughput INSERT")
     p.add_argument("--emit-threads", type=int, default=2)
