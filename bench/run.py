@@ -946,8 +946,9 @@ def ramp_run(
 ) -> dict[str, Any]:
     """Raise the delivered rate step by step (the same 100 raw clients, reading at
     once: no batching); a step passes when its p99 (kernel arrival stamp) is within
-    --ramp-p99-ms and at least 90 % of its rate was delivered. Stops at the first
-    step that does not pass, or at --ramp-max-seconds."""
+    50 ms and at least 90 % of its rate was delivered. A step that fails is run again
+    (--ramp-retries, 1: one stall on a shared machine fails a 4 s window's p99); the
+    ramp stops at a step that fails every attempt, or at --ramp-max-seconds."""
     clients = args.clients
     steps = parse_steps(args.ramp_steps)
     settle, measure = args.ramp_settle_s, args.ramp_step_s
@@ -972,7 +973,10 @@ def ramp_run(
     stopped = "all steps passed"
     t_end = time.monotonic() + args.ramp_max_seconds
     try:
-        for target in steps:
+        plan = [(target, attempt) for target in steps for attempt in range(1 + args.ramp_retries)]
+        for target, attempt in plan:
+            if best is not None and best >= target:
+                continue  # passed at an earlier attempt
             if time.monotonic() > t_end:
                 stopped = f"--ramp-max-seconds {args.ramp_max_seconds:g} reached"
                 break
@@ -1020,6 +1024,7 @@ def ramp_run(
                 "drained": drained,
                 "drain_s": drain_s,
                 "resyncs": final["resyncs"] - snap0["resyncs"],
+                "attempt": attempt + 1,
                 "passed": ok,
             }
             out_steps.append(step)
@@ -1027,11 +1032,13 @@ def ramp_run(
                 f"  {target:>7,}/s: delivered {per_s:>9,.0f}/s  p50 {st['p50_ms']:7.2f}  "
                 f"p99 {st['p99_ms']:8.2f} ms  relay {step['relay_us_per_delivered']:5.2f} us "
                 f"({cpu['relay_cpu_util']:.2f} cpu)  {'ok' if ok else 'FAIL'}"
+                + (f" (attempt {attempt + 1})" if attempt else "")
             )
-            if not ok:
-                stopped = f"step {target:,}/s did not pass"
+            if ok:
+                best = target
+            elif attempt == args.ramp_retries:
+                stopped = f"step {target:,}/s did not pass ({attempt + 1} attempts)"
                 break
-            best = target
     finally:
         with contextlib.suppress(OSError, EOFError):
             epipe.send(("exit", {}))
@@ -2028,7 +2035,7 @@ def print_table(results: dict[str, Any]) -> None:
                 f"workers {r.get('relay_workers')}; {r.get('stopped')}; per step "
                 + ", ".join(
                     f"{st['target_per_s'] // 1000}k: p99 {st['p99_ms']:.1f} ms "
-                    f"{st['relay_us_per_delivered']:.1f} us"
+                    f"{st['relay_us_per_delivered']:.1f} us" + ("" if st["passed"] else " FAIL")
                     for st in steps
                 ),
             )
@@ -2199,6 +2206,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ramp-settle-s", type=float, default=1.0, help="unmeasured start of a step")
     p.add_argument("--ramp-drain-s", type=float, default=10.0, help="bound on a step's drain")
     p.add_argument("--ramp-max-seconds", type=float, default=100.0, help="bound on the ramp")
+    p.add_argument(
+        "--ramp-retries",
+        type=int,
+        default=1,
+        help="a failing step is run again this many times before the ramp stops",
+    )
     p.add_argument("--ramp-tick-ms", type=float, default=10.0, help="ramp: one INSERT per tick")
     p.add_argument("--ramp-max-rows", type=int, default=5000, help="ramp: rows per INSERT, at most")
     p.add_argument(
