@@ -16,7 +16,7 @@ help:
 	@echo "make js       the web client SDK (clients/js): npm ci when its lock changed, then its build"
 	@echo "make js-bundle  rebuild relay/dev/static/pgrelay-client.js (the SDK bundle pgrelay dev serves; commit it)"
 	@echo "make migrate  apply sql/ to \$$PGRELAY_DATABASE_URL (or libpq's PG* variables)"
-	@echo "make bench    the benchmark: writes bench/results/latest.json (about 2 minutes)"
+	@echo "make bench    the benchmark: writes bench/results/latest.json (about 4 minutes)"
 	@echo "make soak     the soak: two relays, faults, hundreds of clients (SOAK_SECONDS=300)"
 	@echo "make conformance  Autobahn|Testsuite against the WebSocket shell (needs Python 2.7)"
 
@@ -93,7 +93,8 @@ migrate: venv
 conformance: venv
 	tests/conformance/run.sh
 
-# The benchmark (bench/README.md): latency, throughput, idle memory, catch-up and
+# The benchmark (bench/README.md): app-level and kernel-stamp latency, throughput, the
+# sustained-rate ramp, catch-up, the reconnect storm, idle memory, relay workers and
 # write cost on a throwaway durable cluster; writes bench/results/latest.json.
 bench: venv postgres
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[bench]'

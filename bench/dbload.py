@@ -1,4 +1,5 @@
 """Database-side load, each in its own process: the paced emitter (latency),
+the rate emitter (the sustained-rate ramp),
 the batched emitter (throughput), and a plain LISTEN client (the floor).
 
 Every emitted payload carries `ts`, the `time.time()` taken just before the
@@ -124,3 +125,49 @@ def listener(pipe: Any, dsn: str, channel: str) -> None:
                 stamps.append(time.time())
         pipe.recv()
         pipe.send(stamps.tobytes())
+
+
+def rate_emitter(pipe: Any, dsn: str, org: str, tick_s: float, max_rows: int) -> None:
+    """The ramp's emitter: on each ("step", {"rate", "seconds"}), inserts `rate` rows
+    per second for `seconds`, one statement (BATCH_SQL, autocommit) every `tick_s`
+    carrying the rows due by then, at most `max_rows`; every row of a statement has
+    the `ts` taken just before it. A slow commit makes the next statement larger,
+    not the rate lower. Replies with what it did; ("exit", {}) ends it."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pipe.send("ready")
+        while True:
+            name, args = pipe.recv()
+            if name != "step":
+                return
+            rate, seconds = float(args["rate"]), float(args["seconds"])
+            emitted = statements = late = 0
+            t0 = time.perf_counter()
+            next_t = t0
+            while True:
+                now = time.perf_counter()
+                if now - t0 >= seconds:
+                    break
+                due = min(int(rate * (now - t0)) + 1 - emitted, max_rows)
+                if due > 0:
+                    conn.execute(
+                        BATCH_SQL, {"org": org, "ts": time.time(), "rows": due}, prepare=True
+                    )
+                    emitted += due
+                    statements += 1
+                next_t += tick_s
+                delay = next_t - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                else:
+                    late += 1
+                    next_t = time.perf_counter()
+            elapsed = time.perf_counter() - t0
+            pipe.send(
+                {
+                    "rows": emitted,
+                    "statements": statements,
+                    "late_ticks": late,
+                    "seconds": elapsed,
+                    "rows_per_s": emitted / elapsed,
+                }
+            )

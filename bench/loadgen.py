@@ -102,7 +102,9 @@ class Conn:
         "replayed",
         "resume_sent",
         "sock",
+        "started",
         "state",
+        "storm_frame",
         "sub",
         "token",
     )
@@ -129,6 +131,10 @@ class Conn:
         self.resume_sent = 0.0
         self.done_arrived = 0.0
         self.done_read = 0.0
+        # A storm client (Worker.start_storm): when its connect began, and the
+        # subscribe frame (with its cursor) it sends on `ready`.
+        self.started = 0.0
+        self.storm_frame: bytes | None = None
 
 
 class Worker:
@@ -157,6 +163,7 @@ class Worker:
         self.resuming: dict[str, Any] | None = None
         self.resumed_conns: list[Conn] = []
         self.resumed_expect = 0
+        self.storm: dict[str, Any] | None = None
         self.live = 0
         self.request = upgrade_request(host, port)
 
@@ -202,6 +209,16 @@ class Worker:
         elif name == "resume":
             self.start_resume(args)
             return True  # replied when done
+        elif name == "storm_prepare":
+            self.storm_prepare(args)
+        elif name == "storm_go":
+            self.storm_go(args)
+            return True  # replied when done
+        elif name == "storm_check":
+            self.pipe.send({"clients": [self.storm_result(c) for c in self.resumed_conns]})
+            for c in self.resumed_conns:
+                c.kept = None
+            self.resumed_conns = []
         elif name == "resume_check":
             # After the clock stopped: check every replayed frame of the last resume.
             out = [self.resume_result(c, self.resumed_expect) for c in self.resumed_conns]
@@ -255,20 +272,11 @@ class Worker:
             org = op["orgs"][i] if op["orgs"] else op["org"]
             subscribe = org if not op["hold"] else None
             token = op["mint"](self.secret, orgs=[org] if org else [], sub=sub, lifetime_s=3600)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            c = Conn(sock, sub, token, subscribe)
-            c.allowed = org
-            err = sock.connect_ex((self.host, self.port))
-            if err not in (0, errno.EINPROGRESS):
-                sock.close()
-                self.note(self.errors, f"connect:{errno.errorcode.get(err, err)}")
+            c = self.connect(sub, token, subscribe)
+            if c is None:
                 op["failed"] += 1
                 continue
-            self.conns[c.fd] = c
-            self.ep.register(c.fd, EPOLLOUT | EPOLLIN)
+            c.allowed = org
         if op["done"] + op["failed"] >= op["want"] or time.monotonic() > op["deadline"]:
             self.pipe.send(
                 {
@@ -281,6 +289,134 @@ class Worker:
                 }
             )
             self.opening = None
+
+    def connect(self, sub: str, token: str, org: str | None) -> Conn | None:
+        """A non-blocking connect, registered with the loop; None if it failed at once."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        c = Conn(sock, sub, token, org)
+        err = sock.connect_ex((self.host, self.port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self.note(self.errors, f"connect:{errno.errorcode.get(err, err)}")
+            return None
+        self.conns[c.fd] = c
+        self.ep.register(c.fd, EPOLLOUT | EPOLLIN)
+        return c
+
+    # -- the reconnect storm ----------------------------------------------------------
+    def storm_prepare(self, args: dict[str, Any]) -> None:
+        """Tokens and subscribe frames for a storm, made before the clock starts:
+        one client per [org, cursor] of `plan`, each with its own `sub`."""
+        from relay.server.jwt import mint_token
+
+        prefix = args["sub_prefix"]
+        clients = []
+        for i, (org, cursor) in enumerate(args["plan"]):
+            sub = f"{prefix}-w{self.worker_id}-{i}"
+            token = mint_token(self.secret, orgs=[org], sub=sub, lifetime_s=3600)
+            frame = client_frame(
+                json.dumps({"type": "subscribe", "ref": "r", "org": org, "cursor": cursor}).encode()
+            )
+            clients.append((sub, token, org, frame))
+        offsets = sorted(float(x) for x in args["offsets"])
+        self.storm = {"clients": clients, "offsets": offsets}
+        self.pipe.send({"prepared": len(clients)})
+
+    def storm_go(self, args: dict[str, Any]) -> None:
+        """Start client i at t0 + offsets[i] (time.time()): connect, upgrade, auth,
+        and on `ready` subscribe with its cursor; done at `subscribed` (or a close).
+        Replied by pump_storm when every client is done or at the deadline."""
+        st = self.storm
+        if st is None:
+            self.pipe.send({"error": "storm_go before storm_prepare"})
+            return
+        st |= {
+            "t0": float(args["t0"]),
+            "next": 0,
+            "conns": [],
+            "failed_connects": 0,
+            "done": 0,
+            "deadline": time.monotonic() + float(args["timeout_s"]),
+        }
+        self.resuming = None
+        self.resumed_conns = []
+
+    def storm_done(self, c: Conn) -> None:
+        if self.storm is not None and "done" in self.storm:
+            self.storm["done"] += 1
+
+    def pump_storm(self) -> float:
+        """Starts the clients whose time has come; returns the poll timeout."""
+        st = self.storm
+        if st is None or "t0" not in st:
+            return 1.0
+        clients: list[Any] = st["clients"]
+        offsets: list[float] = st["offsets"]
+        t0: float = st["t0"]
+        now = time.time()
+        while st["next"] < len(clients) and now >= t0 + offsets[st["next"]]:
+            sub, token, org, frame = clients[st["next"]]
+            st["next"] += 1
+            started = time.time()
+            c = self.connect(sub, token, org)
+            if c is None:
+                c = Conn(socket.socket(), sub, token, org)
+                c.sock.close()
+                c.state = CLOSED
+                c.notes.append("connect failed at once")
+                st["done"] += 1
+            c.started = started
+            c.storm_frame = frame
+            c.kept = []
+            st["conns"].append(c)
+            now = time.time()
+        if st["next"] < len(clients):
+            return max(0.0, min(0.02, t0 + offsets[int(st["next"])] - now))
+        if st["done"] < len(clients) and time.monotonic() < st["deadline"]:
+            return 0.02
+        self.resumed_conns = st["conns"]
+        self.storm = None
+        self.pipe.send(
+            {
+                "clients": [
+                    {
+                        "started": c.started,
+                        "sent": c.resume_sent,
+                        "arrived": c.done_arrived,
+                        "read": c.done_read,
+                        "replayed": c.replayed,
+                    }
+                    for c in self.resumed_conns
+                ]
+            }
+        )
+        return 1.0
+
+    @staticmethod
+    def storm_result(c: Conn) -> dict[str, Any]:
+        """One storm client after the clock stopped: the event ids it was replayed,
+        in order (checked against the table by the orchestrator), and what went wrong."""
+        problems = list(c.notes)
+        ids: list[int] = []
+        for frame in c.kept or []:
+            ev = json.loads(frame)
+            if ev.get("org") != c.org:
+                problems.append(f"event of org {ev.get('org')}")
+            ids.append(int(ev["id"]))
+        if c.replayed is None:
+            problems.append(f"no subscribed (state {c.state}, close {c.close_code})")
+        elif c.replayed != len(ids):
+            problems.append(f"replayed {c.replayed}, {len(ids)} events")
+        return {
+            "org": c.org,
+            "ids": ids,
+            "replayed": c.replayed,
+            "problems": problems[:5],
+            "failed_after_s": round(c.done_read - c.started, 3) if c.replayed is None else None,
+        }
 
     def start_resume(self, args: dict[str, Any]) -> None:
         """Subscribe held clients at once, one (org, cursor) of `plan` each."""
@@ -412,6 +548,11 @@ class Worker:
         if c.state == RESUMING:
             c.notes.append(f"closed {code}")
             self.resumed(c)
+        elif c.storm_frame is not None and c.state in (CONNECTING, HANDSHAKE, AUTH):
+            stage = {CONNECTING: "connect", HANDSHAKE: "upgrade", AUTH: "auth"}[c.state]
+            c.notes.append(f"closed {code} during {stage}")
+            c.done_read = time.time()
+            self.storm_done(c)
         if c.state == LIVE:
             self.live -= 1
         elif self.opening is not None and c.state != CLOSED:
@@ -527,6 +668,9 @@ class Worker:
             c.state = LIVE
             if self.resuming is not None:
                 self.resuming["done"] += 1
+            if c.storm_frame is not None:
+                self.live += 1
+                self.storm_done(c)
 
     def control(self, c: Conn, payload: bytes, arrived: float = 0.0, now: float = 0.0) -> None:
         msg = json.loads(payload)
@@ -540,7 +684,11 @@ class Worker:
                 return
             c.notes.append(f"{kind}: {payload[:200].decode(errors='replace')}")
         if kind == "ready":
-            if c.state == AUTH:
+            if c.state == AUTH and c.storm_frame is not None:
+                c.state = RESUMING
+                c.resume_sent = time.time()
+                self.send(c, c.storm_frame)
+            elif c.state == AUTH:
                 if c.org:
                     c.state = SUBSCRIBING
                     self.send(
@@ -574,7 +722,9 @@ class Worker:
         while True:
             self.pump_open()
             self.pump_resume()
-            timeout = 0.02 if self.opening is not None or self.resuming is not None else 1.0
+            timeout = self.pump_storm()
+            if self.opening is not None or self.resuming is not None:
+                timeout = min(timeout, 0.02)
             ready = self.ep.poll(timeout, 512)
             for fd, ev in ready:
                 if fd == pipe_fd:

@@ -1,7 +1,10 @@
 """`make bench`: the real `pgrelay serve` under load, on a throwaway durable cluster.
 
-Scenarios (see bench/README.md): latency, throughput (+ a py-spy profile of
-the relay under it), catchup, catchup10k, catchup_many, idle, write_cost. Writes
+Scenarios (see bench/README.md): app_latency (real `websockets` clients and
+their floor), latency, throughput (+ a py-spy profile of the relay under it),
+ramp (the highest sustained rate within a p99), catchup, catchup10k,
+catchup_many, storm (10,000 clients reconnecting and resuming at once), idle,
+workers (the ramp with `--workers 1` and 2), write_cost. Writes
 bench/results/latest.json and prints a table. Every load loop is bounded in
 count and time; every process started here is stopped here, by PID.
 """
@@ -14,6 +17,8 @@ import json
 import multiprocessing
 import os
 import platform
+import random
+import re
 import shutil
 import signal
 import statistics
@@ -28,12 +33,12 @@ import uuid
 from array import array
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
 
-from bench import dbload, loadgen
+from bench import appclient, dbload, loadgen
 from relay.dev.embedded import EmbeddedPostgres, free_port
 from relay.dev.provision import provision
 from relay.server.jwt import mint_token
@@ -47,6 +52,9 @@ OWNER, BACKEND, DAEMON = "bench_owner", "bench_backend", "bench_daemon"
 TICK = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 30
 
+#: name -> (operator, target). The name is the dotted key of the value in the
+#: results, unless SOURCE says otherwise; RELATIVE targets are that key's value plus
+#: the number.
 TARGETS = {
     "latency.p50_ms": ("<=", 3.0),
     "latency.p99_ms": ("<=", 12.0),
@@ -54,7 +62,22 @@ TARGETS = {
     "idle.kb_per_connection": ("<=", 15.0),
     "catchup.ms": ("<=", 100.0),
     "catchup10k.ms": ("<=", 250.0),
+    # Issue 12: what users see.
+    "app_latency.one.p50_ms": ("<=", 0.5),
+    "app_latency.one.p99_ms": ("<=", 3.0),
+    "app_latency.hundred.p50_ms": ("<=", 2.5),
+    "app_latency.hundred.p99_ms": ("<=", 10.0),
+    "ramp.max_rate_p99_50ms": (">=", 150_000.0),
+    "storm.seconds": ("<=", 5.0),
+    "storm.relay_cpu_ms_per_resume": ("<=", 0.5),
+    "idle.kb_per_connection<=12": ("<=", 12.0),
 }
+RELATIVE = {"app_latency.one.p50_ms": "app_latency.one.floor_p50_ms"}
+SOURCE = {"idle.kb_per_connection<=12": "idle.kb_per_connection"}
+#: The ramp's target is for `--workers 2`: judged on that run when there is one.
+RAMP_TARGET_WORKERS = "2"
+#: The ramp's bound on the p99 (kernel arrival stamp) of a step.
+RAMP_P99_MS = 50.0
 
 
 def log(msg: str) -> None:
@@ -89,12 +112,39 @@ def machine_busy_s() -> float:
     return (sum(parts[:8]) - idle) / TICK
 
 
+def machine_irq_s() -> float:
+    """CPU seconds all cores spent in interrupts and softirqs since boot: loopback TCP
+    is largely softirq work, charged to no process (so it shows up in "other")."""
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    return (parts[5] + parts[6]) / TICK
+
+
 def rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (one pass over /proc)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent[int(entry)] = int(_stat_fields(int(entry))[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out: list[int] = []
+    frontier = [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        frontier += kids
+    return out
 
 
 def children_of(ppid: int) -> list[int]:
@@ -107,6 +157,18 @@ def children_of(ppid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return out
+
+
+def listen_drops() -> dict[str, int]:
+    """The kernel's count of connections dropped at a full accept queue (whole machine,
+    /proc/net/netstat TcpExt: ListenOverflows, ListenDrops)."""
+    with open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for head, vals in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            row = dict(zip(head.split()[1:], vals.split()[1:], strict=False))
+            return {k: int(row.get(k, 0)) for k in ("ListenOverflows", "ListenDrops")}
+    return {}
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -167,10 +229,33 @@ class Cluster:
         self.pg.stop()
 
 
-class Relay:
-    """`pgrelay serve` as a subprocess on free ports."""
+def relay_supports_workers() -> bool:
+    """Whether this daemon has `pgrelay serve --workers` (it refuses unknown settings)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return "--workers" in proc.stdout
 
-    def __init__(self, cluster: Cluster, workdir: Path, argv: list[str] | None = None) -> None:
+
+class Relay:
+    """`pgrelay serve` as a subprocess on free ports; with `workers`, started with
+    PGRELAY_WORKERS (N processes under one parent: CPU and RSS are summed over the
+    parent and every process below it, and the parent's /metrics is the sum)."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        workdir: Path,
+        argv: list[str] | None = None,
+        *,
+        workers: str | None = None,
+    ) -> None:
+        self.workers = workers
+        self._tree: tuple[float, list[int]] = (0.0, [])
         self.ws_port, self.admin_port = free_port(), free_port()
         env = {
             **os.environ,
@@ -182,7 +267,13 @@ class Relay:
             "PGRELAY_LOG_LEVEL": "info",
             # All load comes from 127.0.0.1; the per-IP limit (1000) is not under test.
             "PGRELAY_MAX_CONNECTIONS_PER_IP": "20000",
+            # The storm holds 10,000 clients (the default limit) and the idle
+            # scenario 5,050: neither is about the total limit either.
+            "PGRELAY_MAX_CONNECTIONS": "20000",
         }
+        env.pop("PGRELAY_WORKERS", None)
+        if workers is not None:
+            env["PGRELAY_WORKERS"] = workers
         self.log_path = workdir / f"relay-{self.ws_port}.log"
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(
@@ -237,11 +328,28 @@ class Relay:
             for n, label in names.items()
         }
 
+    def pids(self) -> list[int]:
+        """The relay's processes: its own, and with workers every one below it (the
+        list is refreshed at most once a second: RssSampler calls this often)."""
+        if self.workers is None:
+            return [self.pid]
+        now = time.monotonic()
+        if now - self._tree[0] > 1.0:
+            self._tree = (now, descendants(self.pid))
+        return [self.pid, *self._tree[1]]
+
     def cpu_s(self) -> float:
-        return cpu_s(self.pid)
+        if self.workers is None:
+            return cpu_s(self.pid)
+        # Reaped workers' time is in the parent's cutime/cstime.
+        return cpu_s(self.pid, children=True) + sum(cpu_s(p) for p in self.pids()[1:])
 
     def rss_kb(self) -> int:
-        return rss_kb(self.pid)
+        total = 0
+        for p in self.pids():
+            with contextlib.suppress(OSError):
+                total += rss_kb(p)
+        return total
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -398,11 +506,73 @@ class LoadWorkers:
                 p.join(timeout=5)
 
 
-class CpuWindow:
-    """CPU seconds of the relay, the load generator, the database and the emitters
-    between `start` and `stop`."""
+class AppClients:
+    """App-level clients (bench/appclient.py): `n` processes, each an asyncio loop
+    holding `websockets` clients that json.loads every frame."""
 
-    def __init__(self, relay: Relay | None, workers: LoadWorkers | None, cluster: Cluster) -> None:
+    def __init__(self, ctx: Any, n: int, port: int) -> None:
+        self.pipes = []
+        self.procs = []
+        for i in range(n):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(
+                target=appclient.app_main, args=(child, i, HOST, port, SECRET), daemon=True
+            )
+            p.start()
+            self.pipes.append(parent)
+            self.procs.append(p)
+
+    def call(self, name: str, args: list[dict[str, Any]] | None = None) -> list[Any]:
+        for i, pipe in enumerate(self.pipes):
+            pipe.send((name, args[i] if args else {}))
+        replies = []
+        for pipe in self.pipes:
+            if not pipe.poll(90):
+                raise RuntimeError(f"app client process did not answer {name!r}")
+            replies.append(pipe.recv())
+        return replies
+
+    def open(self, counts: list[int], org: str, prefix: str) -> dict[str, Any]:
+        replies = self.call("open", [{"count": c, "org": org, "prefix": prefix} for c in counts])
+        live = sum(r["live"] for r in replies)
+        if live < sum(counts):
+            raise RuntimeError(f"only {live} of {sum(counts)} app clients came up: {replies}")
+        return {"live": live, "seconds": max(r["seconds"] for r in replies)}
+
+    def samples(self) -> tuple[list[float], int, dict[str, int]]:
+        out: list[float] = []
+        events = 0
+        errors: Counter[str] = Counter()
+        for r in self.call("samples"):
+            a = array("d")
+            a.frombytes(r["samples"])
+            out.extend(a)
+            events += r["events"]
+            errors.update(r["errors"])
+        return out, events, dict(errors)
+
+    def cpu_s(self) -> float:
+        return sum(cpu_s(p.pid) for p in self.procs if p.pid is not None)
+
+    def stop(self) -> None:
+        with contextlib.suppress(RuntimeError, OSError, EOFError):
+            self.call("exit")
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+class HasCpu(Protocol):
+    def cpu_s(self) -> float: ...
+
+
+class CpuWindow:
+    """CPU seconds of the relay, the load generator (or the app clients), the database
+    and the emitters between `start` and `stop`."""
+
+    def __init__(self, relay: Relay | None, workers: HasCpu | None, cluster: Cluster) -> None:
         self.relay, self.workers, self.cluster = relay, workers, cluster
         self.extra: list[int] = []
 
@@ -413,6 +583,7 @@ class CpuWindow:
             "postgres": self.cluster.cpu_s(),
             "emitters": sum(cpu_s(pid) for pid in self.extra),
             "machine": machine_busy_s(),
+            "irq": machine_irq_s(),
         }
 
     def start(self, *extra_pids: int) -> None:
@@ -424,8 +595,9 @@ class CpuWindow:
         c1 = self._read()
         wall = time.monotonic() - self.t0
         out = {f"{k}_cpu_s": round(c1[k] - self.c0[k], 2) for k in c1}
-        ours = sum(c1[k] - self.c0[k] for k in c1 if k != "machine")
-        # CPU that none of the processes above used: other work on the machine.
+        ours = sum(c1[k] - self.c0[k] for k in c1 if k not in ("machine", "irq"))
+        # CPU that none of the processes above used: other work on the machine, and
+        # interrupts/softirqs (irq_cpu_s, part of it: loopback TCP).
         out["other_cpu_s"] = round(out["machine_cpu_s"] - ours, 2)
         out["wall_s"] = round(wall, 2)
         out["relay_cpu_util"] = round((c1["relay"] - self.c0["relay"]) / wall, 3)
@@ -638,6 +810,248 @@ def scenario_throughput(
     if spy_err:
         out["py_spy_error"] = spy_err
     return out
+
+
+# -- app-level latency ----------------------------------------------------------------
+# What an application sees: `websockets` clients that json.loads every frame, timed
+# after the parse; beside them, in the same run and on the same commits, the floor: a
+# plain psycopg LISTEN session on the doorbell, timed when psycopg hands it the
+# notification.
+def scenario_app_latency(
+    ctx: Any, cluster: Cluster, relay: Relay, args: argparse.Namespace
+) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    apps = AppClients(ctx, args.app_processes, relay.ws_port)
+    out: dict[str, Any] = {
+        "client": f"websockets {version('websockets')} (asyncio, defaults), json.loads per frame",
+        "processes": args.app_processes,
+    }
+    try:
+        for name, total in (("one", 1), ("hundred", args.clients)):
+            org = str(uuid.uuid4())
+            n = args.app_processes
+            counts = (
+                [1] + [0] * (n - 1)
+                if total == 1
+                else [total // n + (1 if i < total % n else 0) for i in range(n)]
+            )
+            opened = apps.open(counts, org, f"app-{name}")
+            log(
+                f"app_latency {name}: {opened['live']} websockets clients "
+                f"({'/'.join(str(c) for c in counts)} per process), "
+                f"{args.latency_rate:.0f} events/s for {args.app_duration + 1:.0f} s"
+            )
+            out[name] = app_latency_run(ctx, cluster, relay, apps, org, total, args)
+            apps.call("close_all")
+            time.sleep(0.3)
+    finally:
+        apps.stop()
+    return out
+
+
+def app_latency_run(
+    ctx: Any,
+    cluster: Cluster,
+    relay: Relay,
+    apps: AppClients,
+    org: str,
+    clients: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    rate, duration, warmup = args.latency_rate, args.app_duration, 1.0
+    count = int(rate * (duration + warmup))
+    skip = int(rate * warmup)
+    emitter, epipe = spawn(ctx, dbload.paced_emitter, cluster.dsn(BACKEND), org, rate, count)
+    expect(epipe, 30, "paced emitter")
+    floor, fpipe = spawn(ctx, dbload.listener, cluster.dsn(BACKEND), "relay_events")
+    expect(fpipe, 30, "LISTEN client")
+    window = CpuWindow(relay, apps, cluster)
+    try:
+        epipe.send("go")
+        time.sleep(warmup)
+        apps.call("reset")
+        window.start(emitter.pid, floor.pid)
+        raw = expect(epipe, duration + 60, "paced emitter")
+        time.sleep(0.5)  # the last events in flight
+        cpu = window.stop()
+        samples, events, errors = apps.samples()
+        fpipe.send("stop")
+        floor_raw = expect(fpipe, 10, "LISTEN client")
+    finally:
+        reap(emitter)
+        reap(floor)
+    stamps, notes = array("d"), array("d")
+    stamps.frombytes(raw)
+    notes.frombytes(floor_raw)
+    paired = min(len(stamps), len(notes))
+    fl = latency_stats([notes[i] - stamps[i] for i in range(skip, paired)])
+    st = latency_stats(samples)
+    expected = (count - skip) * clients
+    return {
+        "p50_ms": st["p50_ms"],
+        "p99_ms": st["p99_ms"],
+        "floor_p50_ms": fl["p50_ms"],
+        "floor_p99_ms": fl["p99_ms"],
+        "relay_added_p50_ms": round(st["p50_ms"] - fl["p50_ms"], 3),
+        "app": st,
+        "floor": fl
+        | {
+            "notifications": len(notes),
+            "commits": len(stamps),
+            "matched_by_order": len(notes) == len(stamps),
+        },
+        "clients": clients,
+        "rate_per_s": rate,
+        "deliveries_per_s": rate * clients,
+        "received": events,
+        "expected_about": expected,
+        "client_errors": errors,
+        "relay_us_per_delivered": round(cpu["relay_cpu_s"] / max(events, 1) * 1e6, 2),
+        "app_clients_cpu_s": cpu["loadgen_cpu_s"],
+        "app_clients_cpu_util": cpu["loadgen_cpu_util"],
+        **{k: v for k, v in cpu.items() if not k.startswith("loadgen")},
+    }
+
+
+# -- sustained-rate ramp --------------------------------------------------------------
+def parse_steps(spec: str) -> list[int]:
+    """START:STOP:STEP (deliveries/s, STOP included) or a comma-separated list."""
+    if ":" in spec:
+        a, b, c = (int(float(x)) for x in spec.split(":"))
+        return list(range(a, b + 1, c))
+    return [int(float(x)) for x in spec.split(",")]
+
+
+def drain(workers: LoadWorkers, want_events: int, bound_s: float) -> tuple[bool, float]:
+    """Wait (bounded) until the load workers have received `want_events` in all and
+    every client the same number; returns (done, seconds waited)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < bound_s:
+        snap = workers.snapshot()
+        if snap["events"] >= want_events and snap["per_conn_min"] == snap["per_conn_max"]:
+            return True, round(time.monotonic() - t0, 2)
+        time.sleep(0.05)
+    return False, round(time.monotonic() - t0, 2)
+
+
+def ramp_run(
+    ctx: Any,
+    cluster: Cluster,
+    relay: Relay,
+    workers: LoadWorkers,
+    org: str,
+    args: argparse.Namespace,
+    label: str = "ramp",
+) -> dict[str, Any]:
+    """Raise the delivered rate step by step (the same 100 raw clients, reading at
+    once: no batching); a step passes when its p99 (kernel arrival stamp) is within
+    50 ms and at least 90 % of its rate was delivered. A step that fails is run again
+    (--ramp-retries, 1: one stall on a shared machine fails a 4 s window's p99); the
+    ramp stops at a step that fails every attempt, or at --ramp-max-seconds."""
+    clients = args.clients
+    steps = parse_steps(args.ramp_steps)
+    settle, measure = args.ramp_settle_s, args.ramp_step_s
+    bound = RAMP_P99_MS
+    log(
+        f"{label}: {clients} clients, steps of {steps[1] - steps[0] if len(steps) > 1 else 0:,} "
+        f"deliveries/s from {steps[0]:,} ({settle + measure:.0f} s each), "
+        f"until p99 > {bound:g} ms"
+    )
+    emitter, epipe = spawn(
+        ctx,
+        dbload.rate_emitter,
+        cluster.dsn(BACKEND),
+        org,
+        args.ramp_tick_ms / 1000,
+        args.ramp_max_rows,
+    )
+    expect(epipe, 30, "rate emitter")
+    workers.snapshot(batch_wait_s=0)
+    out_steps: list[dict[str, Any]] = []
+    best: int | None = None
+    stopped = "all steps passed"
+    t_end = time.monotonic() + args.ramp_max_seconds
+    try:
+        plan = [(target, attempt) for target in steps for attempt in range(1 + args.ramp_retries)]
+        for target, attempt in plan:
+            if best is not None and best >= target:
+                continue  # passed at an earlier attempt
+            if time.monotonic() > t_end:
+                stopped = f"--ramp-max-seconds {args.ramp_max_seconds:g} reached"
+                break
+            ev_rate = target / clients
+            base = workers.snapshot()["events"]
+            window = CpuWindow(relay, workers, cluster)
+            epipe.send(("step", {"rate": ev_rate, "seconds": settle + measure}))
+            time.sleep(settle)
+            snap0 = workers.snapshot(reset_samples=True, sample_every=args.ramp_sample_every)
+            window.start(emitter.pid)
+            time.sleep(measure)
+            snap1 = workers.snapshot()
+            cpu = window.stop()
+            samples, read_samples = workers.samples()
+            em = expect(epipe, settle + measure + 60, "rate emitter")
+            drained, drain_s = drain(workers, base + em["rows"] * clients, args.ramp_drain_s)
+            final = workers.snapshot()
+            delivered = snap1["events"] - snap0["events"]
+            per_s = delivered / cpu["wall_s"]
+            st = latency_stats(samples)
+            rd = latency_stats(read_samples)
+            ok = (
+                st["p99_ms"] <= bound
+                and per_s >= 0.9 * target
+                and drained
+                and final["resyncs"] == snap0["resyncs"]
+            )
+            step = {
+                "target_per_s": target,
+                "delivered_per_s": round(per_s),
+                "events_per_s": round(ev_rate, 1),
+                "p50_ms": st["p50_ms"],
+                "p99_ms": st["p99_ms"],
+                "max_ms": st["max_ms"],
+                "app_read_p99_ms": rd["p99_ms"],
+                "samples": st["samples"],
+                "relay_us_per_delivered": round(cpu["relay_cpu_s"] / max(delivered, 1) * 1e6, 2),
+                "relay_cpu_util": cpu["relay_cpu_util"],
+                "loadgen_cpu_util": cpu["loadgen_cpu_util"],
+                "postgres_cpu_s": cpu["postgres_cpu_s"],
+                "other_cpu_s": cpu["other_cpu_s"],
+                "statements": em["statements"],
+                "emitter_late_ticks": em["late_ticks"],
+                "rows_per_s_emitted": round(em["rows_per_s"]),
+                "drained": drained,
+                "drain_s": drain_s,
+                "resyncs": final["resyncs"] - snap0["resyncs"],
+                "attempt": attempt + 1,
+                "passed": ok,
+            }
+            out_steps.append(step)
+            log(
+                f"  {target:>7,}/s: delivered {per_s:>9,.0f}/s  p50 {st['p50_ms']:7.2f}  "
+                f"p99 {st['p99_ms']:8.2f} ms  relay {step['relay_us_per_delivered']:5.2f} us "
+                f"({cpu['relay_cpu_util']:.2f} cpu)  {'ok' if ok else 'FAIL'}"
+                + (f" (attempt {attempt + 1})" if attempt else "")
+            )
+            if ok:
+                best = target
+            elif attempt == args.ramp_retries:
+                stopped = f"step {target:,}/s did not pass ({attempt + 1} attempts)"
+                break
+    finally:
+        with contextlib.suppress(OSError, EOFError):
+            epipe.send(("exit", {}))
+        reap(emitter)
+    return {
+        "max_rate_p99_50ms": best or 0,
+        "latency": "kernel arrival stamp at the client socket (SO_TIMESTAMPNS)",
+        "p99_bound_ms": bound,
+        "clients": clients,
+        "relay_workers": relay.workers or "default (unset)",
+        "stopped": stopped,
+        "steps": out_steps,
+    }
 
 
 def scenario_catchup(cluster: Cluster, relay: Relay, args: argparse.Namespace) -> dict[str, Any]:
@@ -1023,6 +1437,260 @@ def scenario_catchup_many(
     }
 
 
+# -- reconnect storm ------------------------------------------------------------------
+def scenario_storm(
+    ctx: Any, cluster: Cluster, workdir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """10,000 clients, each with a cursor for one org that then missed a few events,
+    reconnect and resume with starts spread over one second (as after a deploy's
+    1012). Pass 1 is measured; pass 2 (the same clients again, from the cursors pass
+    1 gave them) is profiled with py-spy when it is there."""
+    n, n_orgs = args.storm_clients, args.storm_orgs
+    orgs = [str(uuid.uuid4()) for _ in range(n_orgs)]
+    relay = Relay(cluster, workdir, workers=args.relay_workers)
+    workers = LoadWorkers(ctx, args.load_processes, relay.ws_port)
+    out: dict[str, Any] = {}
+    try:
+        log(f"storm: {n:,} clients over {n_orgs:,} orgs; cursors first (one subscribe per org)")
+        # A cursor per org: one fresh subscribe each (a cursor is a snapshot of the
+        # database; every client of the org holds the one its org got).
+        workers.open(n_orgs, None, "storm-cursor", orgs=orgs, timeout_s=120)
+        by_org = {org: cur for plan in workers.cursors() for org, cur in plan}
+        if len(by_org) != n_orgs:
+            raise RuntimeError(f"storm: {len(by_org)} cursors for {n_orgs} orgs")
+        workers.call("close_all")
+        client_plan = [[orgs[i % n_orgs], by_org[orgs[i % n_orgs]]] for i in range(n)]
+        splits = workers.split(n)
+        plans, start = [], 0
+        for count in splits:
+            plans.append(client_plan[start : start + count])
+            start += count
+        passes = max(1, args.storm_passes)
+        for k in range(passes):
+            last = k == passes - 1 and passes > 1
+            profile = last and Path(args.py_spy).exists() and not args.no_profile
+            res = storm_pass(ctx, cluster, relay, workers, orgs, plans, k, args, profile=profile)
+            if k == 0:
+                out |= res
+            else:
+                out.setdefault("passes", []).append(res)
+            # The next pass resumes from the cursors this one ended with.
+            plans = workers.cursors()
+        if passes > 1 and not Path(args.py_spy).exists():
+            out["profile"] = {"skipped": f"py-spy not found at {args.py_spy}"}
+    finally:
+        workers.stop()
+        relay.stop()
+    return out
+
+
+def storm_pass(
+    ctx: Any,
+    cluster: Cluster,
+    relay: Relay,
+    workers: LoadWorkers,
+    orgs: list[str],
+    plans: list[list[list[str]]],
+    k: int,
+    args: argparse.Namespace,
+    *,
+    profile: bool,
+) -> dict[str, Any]:
+    n = sum(len(p) for p in plans)
+    missed, jitter = args.storm_missed, args.storm_jitter_s
+    # Everyone gone (the deploy's 1012), then each org gets its missed events.
+    workers.call("close_all")
+    deadline = time.monotonic() + 20
+    while relay.metric("pgrelay_connections") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    prefix = f"storm{k}:"
+    read0 = relay.metric("pgrelay_events_read_total")
+    with emit_session(cluster) as conn:
+        emit_turns(conn, orgs, prefix, missed, 1)
+    wait_tail(relay, read0 + missed * len(orgs), timeout_s=60)
+    expected = storm_expected(cluster, orgs, prefix)
+    rng = random.Random(12 + k)
+    for pipe, plan in zip(workers.pipes, plans, strict=True):
+        pipe.send(
+            (
+                "storm_prepare",
+                {
+                    "plan": plan,
+                    "offsets": [rng.uniform(0, jitter) for _ in plan],
+                    "sub_prefix": f"storm{k}",
+                },
+            )
+        )
+    for pipe in workers.pipes:
+        expect(pipe, 120, "storm_prepare")
+    metrics0 = {m: relay.metric(m) for m in STORM_METRICS}
+    snap0 = workers.snapshot()
+    drops0 = listen_drops()
+    spy, spy_out = None, RESULTS / "profile-storm.speedscope.json"
+    if profile:
+        # Sampled for the whole pass: stopped (SIGINT: it writes its file) when the
+        # pass ends; -d only bounds it.
+        spy = start_py_spy(relay, spy_out, args, seconds=args.storm_timeout_s + 30)
+        time.sleep(1.0)  # py-spy attaches
+    label = "storm (profiled)" if profile else "storm"
+    log(f"{label} pass {k + 1}: {n:,} clients reconnect and resume {missed} missed events each")
+    window = CpuWindow(relay, workers, cluster)
+    window.start()
+    t0 = time.time() + 0.2
+    for pipe in workers.pipes:
+        pipe.send(("storm_go", {"t0": t0, "timeout_s": args.storm_timeout_s}))
+    times: list[dict[str, Any]] = []
+    for pipe in workers.pipes:
+        times.extend(expect(pipe, args.storm_timeout_s + 60, "storm")["clients"])
+    cpu = window.stop()
+    checks = [c for r in workers.call("storm_check") for c in r["clients"]]
+    snap1 = workers.snapshot()
+    metrics = {m: int(relay.metric(m) - metrics0[m]) for m in STORM_METRICS}
+    drops = {k: v - drops0.get(k, 0) for k, v in listen_drops().items()}
+    prof: dict[str, Any] = {}
+    if spy is not None:
+        prof = finish_py_spy(spy, spy_out, args)
+    results = [t | c for t, c in zip(times, checks, strict=True)]
+    inexact = []
+    for r in results:
+        want = expected.get(r["org"], [])
+        if r["ids"] != want:
+            r["problems"].append(f"ids {r['ids'][:6]} != table {want[:6]}")
+        if r["replayed"] is not None and r["replayed"] != len(want):
+            r["problems"].append(f"replayed {r['replayed']}, table {len(want)}")
+        if r["problems"]:
+            inexact.append(r)
+    done = [r for r in results if r["replayed"] is not None]
+    fails = sorted(r["failed_after_s"] for r in results if r["failed_after_s"])
+    per_client = sorted((r["arrived"] - r["started"]) * 1000 for r in done)
+    sub_ms = sorted((r["arrived"] - r["sent"]) * 1000 for r in done)
+    first = min(r["started"] for r in results)
+    seconds = max(r["arrived"] for r in done) - first if done else None
+    problem_kinds: Counter[str] = Counter(
+        re.sub(r"[0-9a-f-]{8,}|\d+", "N", r["problems"][0])[:60] for r in inexact
+    )
+    if inexact:
+        log(f"storm: {len(inexact)} clients NOT EXACT, e.g. {inexact[0]['problems']}")
+    res: dict[str, Any] = {
+        "clients": n,
+        "orgs": len(orgs),
+        "missed_per_client": missed,
+        "jitter_s": jitter,
+        "exact": not inexact and len(results) == n,
+        "exact_clients": n - len(inexact),
+        "failures": len(inexact),
+        "failure_kinds": dict(problem_kinds.most_common(5)),
+        "problems": [
+            {"org": r["org"], "problems": r["problems"], "failed_after_s": r["failed_after_s"]}
+            for r in inexact[:5]
+        ],
+        "failed_after_s": {
+            "min": min(fails, default=None),
+            "p50": round(percentile(fails, 50), 3) if fails else None,
+            "max": max(fails, default=None),
+        },
+        "seconds": round(seconds, 3) if seconds is not None else None,
+        "starts_spread_s": round(max(r["started"] for r in results) - first, 3),
+        "p50_ms": round(percentile(per_client, 50), 1),
+        "p99_ms": round(percentile(per_client, 99), 1),
+        "max_ms": round(per_client[-1], 1) if per_client else None,
+        "subscribe_p50_ms": round(percentile(sub_ms, 50), 1),
+        "subscribe_p99_ms": round(percentile(sub_ms, 99), 1),
+        "relay_cpu_ms_per_resume": round(cpu["relay_cpu_s"] / n * 1000, 3),
+        "postgres_cpu_ms_per_resume": round(cpu["postgres_cpu_s"] / n * 1000, 3),
+        "loadgen_cpu_ms_per_client": round(cpu["loadgen_cpu_s"] / n * 1000, 3),
+        "client_errors": {
+            k2: v - snap0["errors"].get(k2, 0)
+            for k2, v in snap1["errors"].items()
+            if v != snap0["errors"].get(k2, 0)
+        },
+        "client_closes": {
+            k2: v - snap0["closes"].get(k2, 0)
+            for k2, v in snap1["closes"].items()
+            if v != snap0["closes"].get(k2, 0)
+        },
+        "relay_metrics": metrics,
+        "kernel_accept_queue_drops": drops,
+        "relay_rss_kb_after": relay.rss_kb(),
+        **cpu,
+    }
+    if profile:
+        res["profile"] = prof
+    return res
+
+
+STORM_METRICS = (
+    "pgrelay_catch_up_rounds_total",
+    "pgrelay_resyncs_total",
+    "pgrelay_outbox_overflows_total",
+    "pgrelay_slow_client_closes_total",
+)
+
+
+def storm_expected(cluster: Cluster, orgs: list[str], prefix: str) -> dict[str, list[int]]:
+    """From the table (as the superuser: row-level security is forced for everyone
+    else): per org, the ids of this pass's rows in (xid, id) order, the order a
+    catch-up replays them in."""
+    with psycopg.connect(cluster.pg.dsn("postgres", DBNAME), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT organization_id::text, array_agg(id ORDER BY xid, id) FROM relay.events "
+            "WHERE organization_id = ANY(%s::uuid[]) AND starts_with(entity_id, %s) GROUP BY 1",
+            (orgs, prefix),
+        ).fetchall()
+    return {org: [int(i) for i in ids] for org, ids in rows}
+
+
+def start_py_spy(
+    relay: Relay, out: Path, args: argparse.Namespace, *, seconds: float
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            args.py_spy,
+            "record",
+            "-p",
+            str(relay.pid),
+            "-d",
+            str(max(1, int(seconds))),
+            "-r",
+            "100",
+            "-f",
+            "speedscope",
+            "-o",
+            str(out),
+            *([] if args.py_spy_blocking else ["--nonblocking"]),
+            *(["--subprocesses"] if relay.workers else []),
+            *args.py_spy_extra.split(),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def finish_py_spy(
+    spy: subprocess.Popen[bytes], out: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    if spy.poll() is None:
+        spy.send_signal(signal.SIGINT)
+    try:
+        _, err = spy.communicate(timeout=60)
+        error = err.decode(errors="replace")[-500:] if spy.returncode else ""
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.communicate()
+        error = "py-spy timed out"
+    prof: dict[str, Any] = {
+        "tool": "py-spy record -r 100 -f speedscope"
+        + ("" if args.py_spy_blocking else " --nonblocking")
+        + (f" {args.py_spy_extra}" if args.py_spy_extra else ""),
+        "file": str(out.relative_to(REPO)),
+    }
+    if error:
+        prof["error"] = error
+    if out.exists():
+        prof |= summarize_speedscope(out)
+    return prof
+
+
 def scenario_idle(
     cluster: Cluster, relay: Relay, workers: LoadWorkers, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -1058,6 +1726,44 @@ def scenario_idle(
         "client_closes": snap["closes"],
         "warm_connections": warm["live"],
     }
+
+
+# -- relay workers --------------------------------------------------------------------
+def scenario_workers(
+    ctx: Any,
+    cluster: Cluster,
+    workdir: Path,
+    args: argparse.Namespace,
+    results: dict[str, Any],
+) -> dict[str, Any]:
+    """The sustained-rate ramp against `pgrelay serve --workers 1` and `--workers 2`
+    (fresh relays, the same 100 clients and steps)."""
+    if not relay_supports_workers():
+        return {
+            "skipped": "`pgrelay serve --help` lists no --workers: this daemon has no "
+            "worker processes yet (it would refuse PGRELAY_WORKERS)"
+        }
+    out: dict[str, Any] = {}
+    for n in ("1", "2"):
+        ramp = results.get("ramp")
+        if n == args.relay_workers and ramp and "steps" in ramp:
+            out[f"w{n}"] = ramp | {"reused": "the ramp scenario of this run"}
+            continue
+        relay = Relay(cluster, workdir, workers=n)
+        workers = LoadWorkers(ctx, args.load_processes, relay.ws_port)
+        try:
+            org = str(uuid.uuid4())
+            workers.open(args.clients, org, f"workers{n}")
+            out[f"w{n}"] = ramp_run(
+                ctx, cluster, relay, workers, org, args, label=f"workers {n}: ramp"
+            )
+        finally:
+            workers.stop()
+            relay.stop()
+    one, two = out["w1"]["max_rate_p99_50ms"], out["w2"]["max_rate_p99_50ms"]
+    out["max_rate_p99_50ms"] = {"1": one, "2": two}
+    out["speedup"] = round(two / one, 2) if one else None
+    return out
 
 
 def pgbench_tps(
@@ -1180,7 +1886,7 @@ def summarize_speedscope(path: Path, top: int = 15) -> dict[str, Any]:
     def fname(i: int) -> str:
         f = frames[i]
         file = str(f.get("file", ""))
-        for marker in ("/site-packages/", "/work/main/", "/lib/python3.11/", "/lib/python3"):
+        for marker in (f"{REPO}/", "/site-packages/", "/lib/python3.11/", "/lib/python3"):
             if marker in file:
                 file = file.split(marker, 1)[1]
                 break
@@ -1235,16 +1941,51 @@ def get(results: dict[str, Any], dotted: str) -> Any:
     return cur
 
 
+def ramp_for_target(results: dict[str, Any]) -> tuple[Any, str]:
+    """The ramp the target is judged on: the `--workers 2` one when this run has it
+    (the workers scenario, or the ramp itself run with --workers 2), else the ramp as
+    run, with a note."""
+    w2 = get(results, f"workers.w{RAMP_TARGET_WORKERS}.max_rate_p99_50ms")
+    if w2 is not None:
+        return w2, f"from workers.w{RAMP_TARGET_WORKERS}"
+    ramp = results.get("ramp") or {}
+    ran = str(ramp.get("relay_workers"))
+    note = (
+        ""
+        if ran == RAMP_TARGET_WORKERS
+        else f"measured with relay workers {ran}; the target is for --workers {RAMP_TARGET_WORKERS}"
+    )
+    return ramp.get("max_rate_p99_50ms"), note
+
+
 def judge(results: dict[str, Any]) -> dict[str, Any]:
     verdicts = {}
-    for key, (op, target) in TARGETS.items():
+    for name, (op, number) in TARGETS.items():
+        key = SOURCE.get(name, name)
+        note = ""
         value = get(results, key)
+        if name == "ramp.max_rate_p99_50ms":
+            value, note = ramp_for_target(results)
         if value is None:
             continue
+        target = number
+        shown = f"{op} {number:g}"
+        if name in RELATIVE:
+            base = get(results, RELATIVE[name])
+            if base is None:
+                continue
+            target = base + number
+            shown = f"{op} {RELATIVE[name]} ({base:g}) + {number:g} = {target:g}"
         met = value <= target if op == "<=" else value >= target
-        verdicts[key] = {"value": value, "target": f"{op} {target:g}", "met": met}
+        verdicts[name] = {"value": value, "target": shown, "met": met}
+        if note:
+            verdicts[name]["note"] = note
         if get(results, key.split(".")[0] + ".exact") is False:
-            verdicts[key] |= {"met": False, "note": "inexact replay: see the scenario's problems"}
+            verdicts[name] |= {"met": False, "note": "inexact replay: see the scenario's problems"}
+        if name.startswith("app_latency.hundred"):
+            rate = get(results, "app_latency.hundred.deliveries_per_s")
+            if rate != 20_000:
+                verdicts[name]["note"] = f"measured at {rate} deliveries/s; the target is at 20,000"
     return verdicts
 
 
@@ -1271,6 +2012,58 @@ def print_table(results: dict[str, Any]) -> None:
         )
     )
     shapes = cu10.get("shapes", {})
+    app, ramp, storm, wk = (results.get(k, {}) for k in ("app_latency", "ramp", "storm", "workers"))
+
+    def app_row(name: str, a: dict[str, Any]) -> tuple[str, str, str]:
+        return (
+            f"app latency, {f(a.get('clients'))} client(s) p50 / p99 (ms)",
+            f"{f(a.get('p50_ms'))} / {f(a.get('p99_ms'))}",
+            f"floor {f(a.get('floor_p50_ms'))} / {f(a.get('floor_p99_ms'))}; "
+            f"{f(a.get('deliveries_per_s'), 0)} deliveries/s; relay cpu "
+            f"{f(a.get('relay_cpu_util'))} ({f(a.get('relay_us_per_delivered'))} us each), "
+            f"clients {f(a.get('app_clients_cpu_util'))}",
+        )
+
+    def ramp_rows(label: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
+        if not r.get("steps"):
+            return []
+        steps = r["steps"]
+        return [
+            (
+                f"{label}: max rate, p99 <= 50 ms",
+                f(r.get("max_rate_p99_50ms")),
+                f"workers {r.get('relay_workers')}; {r.get('stopped')}; per step "
+                + ", ".join(
+                    f"{st['target_per_s'] // 1000}k: p99 {st['p99_ms']:.1f} ms "
+                    f"{st['relay_us_per_delivered']:.1f} us" + ("" if st["passed"] else " FAIL")
+                    for st in steps
+                ),
+            )
+        ]
+
+    storm_rows: list[tuple[str, str, str]] = []
+    if storm.get("clients"):
+        storm_rows.append(
+            (
+                "storm: s until all resumed",
+                f(storm.get("seconds"), 3),
+                f"{f(storm.get('clients'))} clients x {f(storm.get('missed_per_client'))} "
+                f"missed; {f(storm.get('failures'))} failures; per client p50 "
+                f"{f(storm.get('p50_ms'), 1)} / p99 {f(storm.get('p99_ms'), 1)} ms; relay "
+                f"{f(storm.get('relay_cpu_ms_per_resume'), 3)} ms cpu per resume"
+                + ("" if storm.get("exact") else "; NOT EXACT"),
+            )
+        )
+        for i, ps in enumerate(storm.get("passes", []), start=2):
+            storm_rows.append(
+                (
+                    f"storm pass {i}" + (" (profiled)" if ps.get("profile") else ""),
+                    f(ps.get("seconds"), 3),
+                    f"{f(ps.get('failures'))} failures; p50 {f(ps.get('p50_ms'), 1)} / p99 "
+                    f"{f(ps.get('p99_ms'), 1)} ms; relay "
+                    f"{f(ps.get('relay_cpu_ms_per_resume'), 3)} ms cpu per resume",
+                )
+            )
 
     def shape_row(name: str, sh: dict[str, Any]) -> tuple[str, str, str]:
         return (
@@ -1281,6 +2074,7 @@ def print_table(results: dict[str, Any]) -> None:
         )
 
     rows = [
+        *(app_row(name, app[name]) for name in ("one", "hundred") if name in app),
         (
             "latency p50 / p99 (ms)",
             f"{f(lat.get('p50_ms'))} / {f(lat.get('p99_ms'))}",
@@ -1294,6 +2088,10 @@ def print_table(results: dict[str, Any]) -> None:
             f"p99 {f(thr.get('p99_ms'))} ms; relay {f(thr.get('relay_us_per_delivered'))} us/msg, "
             f"cpu {f(thr.get('relay_cpu_util'))}; loadgen cpu {f(thr.get('loadgen_cpu_util'))}",
         ),
+        *ramp_rows("ramp", ramp),
+        *ramp_rows("workers 1", wk.get("w1", {})),
+        *ramp_rows("workers 2", wk.get("w2", {})),
+        *([("workers", "skipped", str(wk["skipped"]))] if "skipped" in wk else []),
         (
             "idle KB/connection",
             f(idle.get("kb_per_connection")),
@@ -1311,6 +2109,7 @@ def print_table(results: dict[str, Any]) -> None:
             f"RSS {f(many.get('rss_before_kb'))} -> peak {f(many.get('rss_peak_kb'))} KB"
             + ("" if many.get("exact", True) else "; NOT EXACT"),
         ),
+        *storm_rows,
         (
             "write tps with / without doorbell",
             f"{f(wc.get('with_doorbell_tps'), 0)} / {f(wc.get('without_doorbell_tps'), 0)}",
@@ -1330,7 +2129,8 @@ def print_table(results: dict[str, Any]) -> None:
     print("targets:")
     for key, v in results.get("targets", {}).items():
         mark = "met   " if v["met"] else "MISSED"
-        print(f"  {mark} {key} = {f(v['value'])} (target {v['target']})")
+        note = f"  [{v['note']}]" if v.get("note") else ""
+        print(f"  {mark} {key} = {f(v['value'])} (target {v['target']}){note}")
     prof = results.get("profile")
     if prof and prof.get("self"):
         print()
@@ -1340,21 +2140,96 @@ def print_table(results: dict[str, Any]) -> None:
         )
         for row in prof["self"][:10]:
             print(f"  {row['pct']:5.1f} %  {row['function']}")
+    sprof = next((p["profile"] for p in storm.get("passes", []) if p.get("profile")), None)
+    if sprof and sprof.get("self"):
+        print()
+        print(
+            f"relay profile during the storm (main thread, {sprof['main_thread_busy_s']} s "
+            "sampled busy; self time):"
+        )
+        for row in sprof["self"][:10]:
+            print(f"  {row['pct']:5.1f} %  {row['function']}")
     print()
 
 
 # -- main -----------------------------------------------------------------------------
+SCENARIOS = (
+    "app_latency",
+    "latency",
+    "throughput",
+    "profile",
+    "ramp",
+    "catchup",
+    "catchup10k",
+    "catchup_many",
+    "storm",
+    "idle",
+    "workers",
+    "write_cost",
+)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     p.add_argument(
         "--only",
-        default="latency,throughput,profile,catchup,catchup10k,catchup_many,idle,write_cost",
-        help="comma-separated scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated scenarios, of: {','.join(SCENARIOS)}",
+    )
+    p.add_argument(
+        "--workers",
+        dest="relay_workers",
+        default=None,
+        metavar="N|auto",
+        help="relay worker processes: PGRELAY_WORKERS for every relay started "
+        "(default: unset, the daemon's own default)",
+    )
+    p.add_argument(
+        "--load-processes",
+        type=int,
+        default=2,
+        help="load generator processes (this was --workers before the relay had workers)",
     )
     p.add_argument("--duration", type=float, default=15.0, help="latency/throughput seconds")
     p.add_argument("--clients", type=int, default=100)
-    p.add_argument("--workers", type=int, default=2, help="load generator processes")
     p.add_argument("--latency-rate", type=float, default=200.0)
+    p.add_argument(
+        "--app-duration", type=float, default=10.0, help="app_latency seconds, per client count"
+    )
+    p.add_argument("--app-processes", type=int, default=2, help="app client processes")
+    p.add_argument(
+        "--ramp-steps",
+        default="20000:300000:20000",
+        help="deliveries/s per step: START:STOP:STEP or a comma-separated list",
+    )
+    p.add_argument("--ramp-step-s", type=float, default=4.0, help="measured seconds per step")
+    p.add_argument("--ramp-settle-s", type=float, default=1.0, help="unmeasured start of a step")
+    p.add_argument("--ramp-drain-s", type=float, default=10.0, help="bound on a step's drain")
+    p.add_argument("--ramp-max-seconds", type=float, default=100.0, help="bound on the ramp")
+    p.add_argument(
+        "--ramp-retries",
+        type=int,
+        default=1,
+        help="a failing step is run again this many times before the ramp stops",
+    )
+    p.add_argument("--ramp-tick-ms", type=float, default=10.0, help="ramp: one INSERT per tick")
+    p.add_argument("--ramp-max-rows", type=int, default=5000, help="ramp: rows per INSERT, at most")
+    p.add_argument(
+        "--ramp-sample-every", type=int, default=4, help="ramp: read the ts of every Nth event"
+    )
+    p.add_argument("--storm-clients", type=int, default=10_000)
+    p.add_argument("--storm-orgs", type=int, default=1000, help="storm clients share orgs evenly")
+    p.add_argument("--storm-missed", type=int, default=3, help="events each org missed")
+    p.add_argument("--storm-jitter-s", type=float, default=1.0, help="starts spread over this")
+    p.add_argument("--storm-timeout-s", type=float, default=60.0, help="bound on one pass")
+    p.add_argument(
+        "--storm-passes",
+        type=int,
+        default=2,
+        help="storm passes (the same clients again, from their new cursors); the first "
+        "is reported, the last profiled when there are two or more",
+    )
+    p.add_argument("--no-profile", action="store_true", help="no py-spy in the storm")
     p.add_argument("--batch-rows", type=int, default=100, help="rows per throughput INSERT")
     p.add_argument("--emit-threads", type=int, default=2)
     p.add_argument(
@@ -1400,6 +2275,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="pause the relay for each sample (py-spy's default; it charges "
         "nearly everything to the line of the send() syscall)",
     )
+    p.add_argument(
+        "--py-spy-extra",
+        default="",
+        help="more py-spy record arguments for the storm's profile (e.g. --gil)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     p.add_argument(
         "--py-spy", default=shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -1410,6 +2290,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     only = set(args.only.split(","))
+    unknown = only - set(SCENARIOS)
+    if unknown:
+        raise SystemExit(f"--only: unknown {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
+    if args.relay_workers is not None and not relay_supports_workers():
+        raise SystemExit(
+            "--workers: `pgrelay serve --help` lists no --workers; this daemon has no "
+            "worker processes (run without --workers)"
+        )
     # SIGTERM unwinds like Ctrl-C, so that the cluster and the relay are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     loadgen.raise_nofile()
@@ -1438,10 +2326,12 @@ def main(argv: list[str] | None = None) -> int:
         log("starting a throwaway durable cluster")
         cluster.start()
         results["machine"]["postgres"] = cluster.settings
-        relay = Relay(cluster, workdir)
+        relay = Relay(cluster, workdir, workers=args.relay_workers)
         log(f"pgrelay serve pid {relay.pid} on ws://{HOST}:{relay.ws_port}/v1")
-        workers = LoadWorkers(ctx, args.workers, relay.ws_port)
-        if only & {"latency", "throughput", "profile"}:
+        if "app_latency" in only:
+            results["app_latency"] = scenario_app_latency(ctx, cluster, relay, args)
+        workers = LoadWorkers(ctx, args.load_processes, relay.ws_port)
+        if only & {"latency", "throughput", "profile", "ramp"}:
             org = str(uuid.uuid4())
             opened = workers.open(args.clients, org, "live")
             log(f"{opened['live']} clients subscribed in {opened['seconds']} s")
@@ -1477,6 +2367,8 @@ def main(argv: list[str] | None = None) -> int:
                         results["profile"]["error"] = prof["py_spy_error"]
                 else:
                     results["profile"] = {"skipped": f"py-spy not found at {args.py_spy}"}
+            if "ramp" in only:
+                results["ramp"] = ramp_run(ctx, cluster, relay, workers, org, args)
             workers.call("close_all")
             time.sleep(1.0)
         if "catchup" in only:
@@ -1486,22 +2378,29 @@ def main(argv: list[str] | None = None) -> int:
         if "catchup_many" in only:
             # A fresh relay, so that its RSS is not hidden by memory earlier scenarios freed.
             relay.stop()
-            relay = Relay(cluster, workdir)
+            relay = Relay(cluster, workdir, workers=args.relay_workers)
             workers.stop()
-            workers = LoadWorkers(ctx, args.workers, relay.ws_port)
+            workers = LoadWorkers(ctx, args.load_processes, relay.ws_port)
             results["catchup_many"] = scenario_catchup_many(cluster, relay, workers, args)
-        if "idle" in only:
-            # A fresh relay: memory the earlier scenarios freed would hide the cost.
-            relay.stop()
-            relay = Relay(cluster, workdir)
-            workers.stop()
-            workers = LoadWorkers(ctx, args.workers, relay.ws_port)
-            results["idle"] = scenario_idle(cluster, relay, workers, args)
-            workers.call("close_all")
         workers.stop()
         workers = None
         relay.stop()
         relay = None
+        if "storm" in only:
+            # Its own relay and load generator (10,000 connections), stopped after.
+            results["storm"] = scenario_storm(ctx, cluster, workdir, args)
+        if "idle" in only:
+            # A fresh relay: memory the earlier scenarios freed would hide the cost.
+            relay = Relay(cluster, workdir, workers=args.relay_workers)
+            workers = LoadWorkers(ctx, args.load_processes, relay.ws_port)
+            results["idle"] = scenario_idle(cluster, relay, workers, args)
+            workers.call("close_all")
+            workers.stop()
+            workers = None
+            relay.stop()
+            relay = None
+        if "workers" in only:
+            results["workers"] = scenario_workers(ctx, cluster, workdir, args, results)
         if "write_cost" in only:
             if shutil.which("pgbench") or (cluster.pg.bindir / "pgbench").exists():
                 results["write_cost"] = scenario_write_cost(ctx, cluster, workdir, args)
