@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: help venv postgres chromium promtool js js-bundle run test lint migrate conformance bench soak clean
+.PHONY: help venv postgres chromium promtool nginx js js-bundle run test lint migrate conformance bench soak clean
 
 help:
 	@echo "make run      a throwaway relay with a demo page (pgrelay dev); Ctrl-C removes it"
@@ -45,6 +45,11 @@ chromium:
 promtool: venv
 	@scripts/ensure-promtool.sh $(BIN)
 
+# Debian's nginx and libnginx-mod-stream for the reverse-proxy tests (tests/e2e/test_nginx.py),
+# installed without starting the nginx service: the tests run an nginx of their own.
+nginx:
+	@scripts/ensure-nginx.sh
+
 # A throwaway database, roles, a token and the daemon with its demo page.
 # `make run DEV_ARGS='--database-url postgresql://...'` uses your database instead.
 DEV_ARGS ?=
@@ -72,7 +77,7 @@ js-bundle: $(JS_STAMP)
 # The JS unit tests (fake server, the bindings in Chromium, size and types), then
 # pytest, which includes the SDK against the real relay in Chromium
 # (tests/e2e/test_js_client.py) and the demo page's two-device check.
-test: venv postgres chromium promtool js
+test: venv postgres chromium promtool nginx js
 	cd $(JS) && node --test --test-concurrency=1 build/test/unit/
 	$(BIN)/pytest
 

@@ -44,13 +44,17 @@ def request(
     preamble: bytes = b"",
     timeout_s: float = 10,
 ) -> Response:
-    """One request on its own connection (the server closes after answering)."""
+    """One request on its own connection (closed after the answer)."""
     if params:
         url += ("&" if "?" in url else "?") + urlencode(params)
     sock, target = _connect(url, source, timeout_s)
     with sock:
         lines = [f"{method} {target} HTTP/1.1", "Host: pgrelay"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if not any(k.lower() == "connection" for k in headers or {}):
+            # One request per connection: a proxy in between would otherwise keep
+            # the connection open for the next one, and the read below wait for it.
+            lines.append("Connection: close")
         if body or method == "POST":
             lines.append(f"Content-Length: {len(body)}")
         sock.sendall(preamble + ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
@@ -88,7 +92,36 @@ class SseStream:
     comments: int = 0
     last_id: str | None = None
     closed: bool = False
+    chunked: bool = False
+    """The body comes in chunks (a proxy's HTTP/1.1 answer): decoded on arrival."""
+    _raw: bytes = b""
     _pending: list[SseEvent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.chunked:
+            self._raw, self.buffer = self.buffer, b""
+            self._dechunk()
+
+    def _received(self, data: bytes) -> None:
+        if not self.chunked:
+            self.buffer += data
+            return
+        self._raw += data
+        self._dechunk()
+
+    def _dechunk(self) -> None:
+        while not self.closed:
+            line_end = self._raw.find(b"\r\n")
+            if line_end < 0:
+                return
+            size = int(self._raw[:line_end].split(b";")[0], 16)
+            end = line_end + 2 + size
+            if len(self._raw) < end + 2:
+                return
+            self.buffer += self._raw[line_end + 2 : end]
+            self._raw = self._raw[end + 2 :]
+            if size == 0:  # the last chunk: the body ended
+                self.closed = True
 
     def next(self, timeout_s: float = 10) -> SseEvent | None:
         """The next event, or None when the stream ended."""
@@ -111,7 +144,7 @@ class SseStream:
             if not chunk:
                 self.closed = True
                 continue
-            self.buffer += chunk
+            self._received(chunk)
 
     def events(self, n: int, timeout_s: float = 10, kind: str = "event") -> list[SseEvent]:
         out: list[SseEvent] = []
@@ -194,7 +227,8 @@ def open_stream(
     for line in header_lines:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
-    return SseStream(sock, int(status_line.split()[1]), headers, rest)
+    chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+    return SseStream(sock, int(status_line.split()[1]), headers, rest, chunked=chunked)
 
 
 def iter_pages(
