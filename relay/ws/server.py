@@ -299,7 +299,9 @@ class WsServer:
                 break
             data += chunk
         if isinstance(found, ProxyHeader):
-            parser.receive_data(data[found.length :])
+            rest = data[found.length :]
+            if rest:  # (empty would tell h11 the stream ended: a proxy sends its
+                parser.receive_data(rest)  # header before the client's request)
             return found.source
         parser.receive_data(data)
         return None

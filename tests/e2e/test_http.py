@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -364,6 +365,27 @@ async def test_the_per_ip_limit_counts_the_client_a_trusted_proxy_names(
         assert answer.status == 200, answer.body
     refusals = [ln for ln in relay.logs() if ln.get("event") == "connection refused"]
     assert [ln["peer"] for ln in refusals] == ["203.0.113.7"]
+
+
+@pytest.mark.parametrize("header", [proxy_v1, proxy_v2])
+def test_a_request_that_follows_the_proxy_header_later_is_answered(
+    proxied_relay: RelayProcess, header: Callable[[str], bytes]
+) -> None:
+    """A proxy sends its header as soon as it connects, the client's request comes
+    once the client sent it (nginx's stream module after its TLS handshake)."""
+    port = int(base(proxied_relay).rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(header("192.0.2.45"))
+        time.sleep(0.3)
+        sock.sendall(
+            f"GET /v1/events?org={ORG_A} HTTP/1.1\r\nHost: pgrelay\r\n"
+            f"Authorization: Bearer {proxied_relay.token([ORG_A])}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
 
 
 def test_a_proxy_header_from_an_untrusted_peer_is_not_believed(relay: RelayProcess) -> None:

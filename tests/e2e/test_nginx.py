@@ -582,15 +582,6 @@ def test_without_the_daemons_header_nginx_would_hold_the_stream(
 # -- the per-IP limit counts the real client --------------------------------------------------
 
 
-PROXY_HEADER_ALONE = (
-    "pgrelay drops a connection whose PROXY header arrives before its request (nginx's "
-    "stream module sends the header alone as soon as it connects upstream): "
-    "relay/ws/server.py _read_proxy_header hands h11 the empty rest, which h11 takes "
-    "for EOF. Remove this marker (and the one below) with the daemon's fix."
-)
-
-
-@pytest.mark.xfail(reason=PROXY_HEADER_ALONE, strict=True)
 def test_a_request_that_follows_the_proxy_header_later_is_answered(
     nginx_binary: NginxBinary, db: Database, tmp_path: Path
 ) -> None:
@@ -624,11 +615,7 @@ def test_a_request_that_follows_the_proxy_header_later_is_answered(
     "via",
     [
         "x-forwarded-for",
-        pytest.param(
-            "proxy-protocol",
-            # Not strict: whether nginx sends the header alone is a race here.
-            marks=pytest.mark.xfail(reason=PROXY_HEADER_ALONE, strict=False),
-        ),
+        "proxy-protocol",
     ],
 )
 async def test_the_per_ip_limit_counts_the_client_behind_nginx(
