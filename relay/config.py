@@ -143,6 +143,7 @@ class Settings:
     recheck_interval_s: float = 60.0
     auth_timeout_s: float = 10.0
     replay_limit: int = 10_000
+    recent_events: int = 20_000
     pool_size: int = 4
     max_connections: int = 10_000
     max_connections_per_ip: int = 1_000
@@ -214,6 +215,10 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "recheck_interval_s": (_non_negative_float, "re-authorize subscriptions this often"),
     "auth_timeout_s": (_non_negative_float, "close with 4002 when no valid auth arrives by then"),
     "replay_limit": (_positive_int, "max events a resume replays before resync"),
+    "recent_events": (
+        _int_between(0, 10_000_000),
+        "newest events kept in memory to answer resumes without a catch-up query (0: none)",
+    ),
     "pool_size": (
         _positive_int,
         "pooled connections for catch-ups and authorization (plus one listener, one tail)",

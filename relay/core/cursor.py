@@ -106,6 +106,16 @@ class Snapshot:
         """Whether a row written by committed transaction `xid` is visible."""
         return xid < self.xmax and xid not in self.xip
 
+    def sees_all_of(self, other: Snapshot) -> bool:
+        """Whether every row visible in `other` is visible in this one too
+        (conservative: False in the rare equal-content cases it cannot tell)."""
+        if other.xmax > self.xmax:
+            return False
+        if not self.xip:
+            return True
+        theirs = other.xip
+        return all(x >= other.xmax or x in theirs for x in self.xip)
+
     @property
     def first_invisible(self) -> int:
         """Smallest xid not visible in this snapshot."""

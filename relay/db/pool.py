@@ -34,8 +34,9 @@ TCP_USER_TIMEOUT_MS = 30_000
 
 LISTENER_APPLICATION_NAME = "pgrelay-listener"
 TAIL_APPLICATION_NAME = "pgrelay-tail"
-#: A tail step that takes longer than this is cut by the server (and retried).
-TAIL_STATEMENT_TIMEOUT_MS = 30_000
+AUTHORIZER_APPLICATION_NAME = "pgrelay-auth"
+#: A statement on a direct connection that takes longer is cut by the server.
+DIRECT_STATEMENT_TIMEOUT_MS = 30_000
 POOL_APPLICATION_NAME = "pgrelay"
 
 P = ParamSpec("P")
@@ -75,14 +76,18 @@ def connect_listener(database_url: str, channel: str) -> Conn:
     return conn
 
 
-def connect_tail(database_url: str) -> Conn:
-    """Blocking: the tail's own autocommit connection (see relay.db.tail_connection)."""
+def connect_direct(database_url: str, application_name: str) -> Conn:
+    """Blocking: an autocommit connection of its own (see relay.db.direct): the
+    tail's, the authorizer's. Text results are decoded as UTF-8."""
     conninfo = make_conninfo(
-        database_url, application_name=TAIL_APPLICATION_NAME, **_keepalive_params()
+        database_url,
+        application_name=application_name,
+        client_encoding="UTF8",
+        **_keepalive_params(),
     )
     conn = psycopg.connect(conninfo, autocommit=True)
     try:
-        conn.execute(f"SET statement_timeout = {int(TAIL_STATEMENT_TIMEOUT_MS)}")
+        conn.execute(f"SET statement_timeout = {int(DIRECT_STATEMENT_TIMEOUT_MS)}")
     except BaseException:
         conn.close()
         raise

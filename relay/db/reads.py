@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -129,24 +130,65 @@ def database_epoch(conn: Conn) -> str:
     return short_epoch(str(row[0]))
 
 
+def _tail_pages(conn: Conn, since: Snapshot, page_rows: int) -> list[EventRow]:
+    """In a REPEATABLE READ transaction: every row not visible in `since`."""
+    rows: list[EventRow] = []
+    after = 0
+    while True:
+        params = _since_params(since) | {"after": after, "limit": page_rows}
+        page = [_row(r) for r in conn.execute(TAIL_SQL, params)]
+        rows += page
+        if len(page) < page_rows:
+            return rows
+        after = page[-1].id
+
+
 def read_tail(
     conn: Conn, since: Snapshot, *, page_rows: int = PAGE_ROWS
 ) -> tuple[list[EventRow], Snapshot]:
     """Every row committed between `since` and now, in the tail's order, and the
     new snapshot (an autocommit `conn`; the daemon's tail reads the same SQL
-    function on its own connection, see relay.db.tail_connection)."""
-    rows: list[EventRow] = []
+    function on its own connection, see relay.db.tail)."""
     conn.execute(_BEGIN_SNAPSHOT)
     try:
         head = current_snapshot(conn)
-        after = 0
-        while True:
-            params = _since_params(since) | {"after": after, "limit": page_rows}
-            page = [_row(r) for r in conn.execute(TAIL_SQL, params)]
-            rows += page
-            if len(page) < page_rows:
-                return rows, head
-            after = page[-1].id
+        return _tail_pages(conn, since, page_rows), head
+    finally:
+        if not conn.broken:
+            conn.execute("ROLLBACK")
+
+
+@dataclass(frozen=True, slots=True)
+class FirstPosition:
+    """Where a starting tail stands, and the newest rows it remembers."""
+
+    epoch: str
+    head: Snapshot
+    """The first snapshot (S0)."""
+    start: Snapshot
+    """R0: `rows` are every row not visible here but visible in `head`."""
+    rows: list[EventRow]
+
+
+def first_position(conn: Conn, keep: int, *, page_rows: int = PAGE_ROWS) -> FirstPosition:
+    """The epoch and the first snapshot; with `keep`, the newest rows too (at
+    most `keep`, read in the first snapshot's transaction; see 009). Without
+    relay.recent_events_start (a schema before 009), no rows."""
+    conn.execute(_BEGIN_SNAPSHOT)
+    try:
+        head = current_snapshot(conn)
+        epoch = database_epoch(conn)
+        if not keep:
+            return FirstPosition(epoch, head, head, [])
+        found = conn.execute(
+            "SELECT to_regprocedure('relay.recent_events_start(integer)') IS NOT NULL"
+        ).fetchone()
+        if not found or not found[0]:
+            return FirstPosition(epoch, head, head, [])
+        row = conn.execute("SELECT relay.recent_events_start(%s)::text", (keep,)).fetchone()
+        begin = 0 if row is None or row[0] is None else int(row[0]) + 1
+        start = Snapshot(begin, begin)
+        return FirstPosition(epoch, head, start, _tail_pages(conn, start, page_rows))
     finally:
         if not conn.broken:
             conn.execute("ROLLBACK")

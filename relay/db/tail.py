@@ -9,8 +9,8 @@ Two tasks:
   mode, with the doorbell trigger disabled in SQL);
 - the *deliverer* hands the pages the reader read to the hub.
 
-A step reads, on the tail's own connection (`relay.db.tail_connection`: no
-worker thread, one round trip), the rows visible now (S) but not in the
+A step reads, on the tail's own connection (`relay.db.direct`: no worker
+thread, one round trip), the rows visible now (S) but not in the
 previous snapshot P, page by page. The reader may read the next step while
 the deliverer still fans out the previous one (at most one page ahead), so
 database time and fan-out overlap. The position the hub sees moves to S only
@@ -22,20 +22,23 @@ NOTIFY.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import psycopg
 import structlog
 import trio
+from psycopg import pq
 
 from relay.core.cursor import Cursor, Snapshot, TailPosition
 from relay.core.protocol import EventRow
+from relay.core.recent import RecentRows
+from relay.db.direct import DirectConnection
 from relay.db.listener import PROBE_INTERVAL_S, Backoff, Listener
 from relay.db.migrate import schema_state
-from relay.db.pool import Conn, Database, connect_listener, connect_tail
-from relay.db.reads import PAGE_ROWS, current_snapshot, database_epoch, short_epoch
-from relay.db.tail_connection import TailConnection, rows_of, step_sql
+from relay.db.pool import TAIL_APPLICATION_NAME, Conn, Database, connect_direct, connect_listener
+from relay.db.reads import PAGE_ROWS, first_position, short_epoch
 from relay.server.metrics import Metrics
 
 #: The database epoch is re-read at least this often (and after every reconnect).
@@ -44,6 +47,52 @@ EPOCH_CHECK_INTERVAL_S = 10.0
 STEP_RETRY_S = 0.5
 
 log = structlog.get_logger("pgrelay.tail")
+
+
+_COLUMNS = (
+    "id, organization_id, event_type, entity_type, entity_id, actor_id, payload, created_at, "
+    "xid::text"
+)
+
+
+def _xid_array(xids: Sequence[int]) -> str:
+    return "'{" + ",".join(str(int(x)) for x in xids) + "}'::xid8[]"
+
+
+def step_sql(since: Snapshot, *, after_id: int, limit: int, begin: bool, with_epoch: bool) -> bytes:
+    """The statements of one tail read: with `begin`, the REPEATABLE READ
+    transaction and its snapshot (and the epoch) first; then one page of
+    `relay.tail_events` after `after_id`."""
+    page = (
+        f"SELECT {_COLUMNS} FROM relay.tail_events('{int(since.xmax)}'::xid8, "
+        f"{_xid_array(since.xip)}, {int(after_id)}, {int(limit)})"
+    )
+    if not begin:
+        return page.encode()
+    head = "SELECT pg_current_snapshot()::text" + (", relay.database_epoch()" if with_epoch else "")
+    return f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {head}; {page}".encode()
+
+
+def rows_of(result: pq.abc.PGresult) -> list[EventRow]:
+    """EventRows from a text-format result of `_COLUMNS`."""
+    rows = []
+    get = result.get_value
+    for i in range(result.ntuples):
+        actor = get(i, 5)
+        rows.append(
+            EventRow(
+                id=int(get(i, 0) or 0),
+                org=uuid.UUID((get(i, 1) or b"").decode()),
+                event_type=(get(i, 2) or b"").decode(),
+                entity_type=(get(i, 3) or b"").decode(),
+                entity_id=(get(i, 4) or b"").decode(),
+                actor_id=None if actor is None else actor.decode(),
+                payload_json=(get(i, 6) or b"{}").decode(),
+                created_at=(get(i, 7) or b"").decode(),
+                xid=int(get(i, 8) or 0),
+            )
+        )
+    return rows
 
 
 class Sink(Protocol):
@@ -63,7 +112,7 @@ class Sink(Protocol):
 class _Page:
     """One page of a step, from the reader to the deliverer."""
 
-    __slots__ = ("head", "head_cursor", "rows", "since_cursor")
+    __slots__ = ("head", "head_cursor", "read", "rows", "since_cursor")
 
     def __init__(
         self,
@@ -71,8 +120,11 @@ class _Page:
         since_cursor: str,
         head_cursor: str | None,
         head: Snapshot | None,
+        read: int = 0,
     ) -> None:
         self.rows = rows
+        self.read = read
+        """The step's read number (RecentRows.read_begins)."""
         self.since_cursor = since_cursor
         self.head_cursor = head_cursor
         """Set on the step's last page: the step's S as a cursor."""
@@ -103,7 +155,9 @@ class Tailer:
         probe_interval_s: float = PROBE_INTERVAL_S,
         membership_changed: Callable[[str], None] = lambda _subject: None,
         connect: Callable[[str, str], Conn] = connect_listener,
+        recent: RecentRows | None = None,
     ) -> None:
+        """`recent`: kept up to date with every step (see relay.core.recent)."""
         self.db = db
         self.sink = sink
         self.metrics = metrics
@@ -120,7 +174,11 @@ class Tailer:
         )
         self.position = position
         """Where the tail stands: epoch and the last step's snapshot (shared with the hub)."""
-        self.connection = TailConnection(lambda: connect_tail(db.database_url))
+        self.recent = recent if recent is not None else RecentRows(0)
+        self._stepped = trio.Event()
+        self.connection = DirectConnection(
+            lambda: connect_direct(db.database_url, TAIL_APPLICATION_NAME)
+        )
         self._read_at: Snapshot | None = None
         """The reader's P: the last step it read (the deliverer may still be on it)."""
         self._epoch_due = True
@@ -136,6 +194,10 @@ class Tailer:
     def ring(self) -> None:
         self._doorbell.set()
 
+    async def stepped(self) -> None:
+        """Wait for the next step to be delivered."""
+        await self._stepped.wait()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start order: LISTEN live, then the first snapshot, then `started()`.
 
@@ -146,9 +208,11 @@ class Tailer:
             nursery.start_soon(self._epoch_after_reconnects)
             position = self.position
             backoff = Backoff(initial_s=STEP_RETRY_S)
+            recent = self.recent
             while position.snapshot is None:
                 try:
-                    position.epoch, position.snapshot = await self.db.run(_epoch_and_snapshot)
+                    first = await self.db.run(first_position, recent.capacity)
+                    position.epoch, position.snapshot = first.epoch, first.head
                 except psycopg.Error as exc:
                     wait = backoff.next()
                     log.warning(
@@ -158,7 +222,11 @@ class Tailer:
                         retry_in_s=round(wait, 2),
                     )
                     await trio.sleep(wait)
-            log.info("tail started", snapshot=str(position.snapshot))
+            # The newest rows, as if one step had brought them (read number 0).
+            recent.reset(first.epoch, first.start)
+            recent.add(first.rows)
+            recent.step_done(first.head, 0)
+            log.info("tail started", snapshot=str(first.head), recent_rows=recent.rows)
             self.heartbeat_at = trio.current_time()
             task_status.started()
             await self._tail_loop()
@@ -215,6 +283,7 @@ class Tailer:
         started_at = trio.current_time()
         with_epoch = self._epoch_due or started_at - self._epoch_checked_at > EPOCH_CHECK_INTERVAL_S
         connection = self.connection
+        read = self.recent.read_begins()  # before the query goes out (RecentRows.mark)
         results = await connection.query(
             step_sql(since, after_id=0, limit=self.page_rows, begin=True, with_epoch=with_epoch)
         )
@@ -259,7 +328,7 @@ class Tailer:
             self.metrics.events_read.inc(len(rows))
         self.metrics.tail_query.observe(trio.current_time() - started_at)
         self._read_at = head
-        await send.send(_Page(rows, since_cursor, head_cursor, head))
+        await send.send(_Page(rows, since_cursor, head_cursor, head, read))
 
     async def _deliver_steps(self, receive: trio.MemoryReceiveChannel[_Page | _Changed]) -> int:
         """Hand what the reader read to the hub; returns how many rows."""
@@ -267,12 +336,17 @@ class Tailer:
         async for item in receive:
             if isinstance(item, _Changed):
                 self._database_changed(item.epoch, item.head)
-                continue
-            if item.rows:
-                delivered += len(item.rows)
-                await self.sink.deliver(item.rows, item.since_cursor, item.head_cursor)
-            if item.head is not None:
+            else:
+                if item.rows:
+                    delivered += len(item.rows)
+                    self.recent.add(item.rows)  # before its fan-out begins
+                    await self.sink.deliver(item.rows, item.since_cursor, item.head_cursor)
+                if item.head is None:
+                    continue
                 self.position.snapshot = item.head
+                self.recent.step_done(item.head, item.read)
+            self._stepped.set()
+            self._stepped = trio.Event()
         return delivered
 
     async def step(self) -> int:
@@ -301,8 +375,5 @@ class Tailer:
         )
         self.position.epoch = epoch
         self.position.snapshot = snapshot
+        self.recent.reset(epoch, snapshot)
         self.sink.database_changed()
-
-
-def _epoch_and_snapshot(conn: Conn) -> tuple[str, Snapshot]:
-    return database_epoch(conn), current_snapshot(conn)

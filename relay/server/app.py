@@ -23,8 +23,10 @@ from relay import __version__
 from relay.config import HostPort, Settings
 from relay.core.codes import CloseCode
 from relay.core.cursor import TailPosition
+from relay.core.recent import RecentRows
+from relay.db.authorize import Authorizer
 from relay.db.migrate import SchemaState, schema_state
-from relay.db.pool import Database
+from relay.db.pool import AUTHORIZER_APPLICATION_NAME, Database, connect_direct
 from relay.db.reads import SubscriberReads
 from relay.db.tail import Tailer
 from relay.db.tickets import Tickets
@@ -38,6 +40,7 @@ from relay.server.hub import Hub
 from relay.server.jwt import AuthConfig, TokenVerifier
 from relay.server.membership import MembershipHints
 from relay.server.metrics import Metrics
+from relay.server.resumes import RecentResumes
 from relay.server.scheduler import Scheduler
 from relay.ws import OriginPolicy, TrustedProxies, WsConnection, WsRequest, WsServer
 
@@ -94,16 +97,10 @@ class Daemon:
         self.db = Database(s.database_url, size=s.pool_size)
         self.scheduler = Scheduler(clock)
         self.admission = Admission(s.admission_limits(), metrics=self.metrics)
-        self.services = ConnectionServices(
-            fanout=self.hub,
-            scheduler=self.scheduler,
-            reads=reads(self.db, s.subscriber_role),
-            verifier=build_verifier(s),
-            admission=self.admission,
-            session_limits=s.session_limits(),
-            output_limits=s.output_limits(),
-            stats=self.metrics.stats,
-            metrics=self.metrics,
+        self.recent = RecentRows(s.recent_events)
+        self.authorizer = Authorizer(
+            partial(connect_direct, s.database_url, AUTHORIZER_APPLICATION_NAME),
+            s.subscriber_role,
         )
         self.hints = MembershipHints(self.admission.connections_of)
         self.tailer = Tailer(
@@ -114,6 +111,23 @@ class Daemon:
             poll_interval_s=s.poll_interval_ms / 1000,
             probe_interval_s=s.listener_probe_s,
             membership_changed=self.hints.hint,
+            recent=self.recent,
+        )
+        self.services = ConnectionServices(
+            fanout=self.hub,
+            scheduler=self.scheduler,
+            reads=reads(self.db, s.subscriber_role),
+            verifier=build_verifier(s),
+            admission=self.admission,
+            session_limits=s.session_limits(),
+            output_limits=s.output_limits(),
+            stats=self.metrics.stats,
+            metrics=self.metrics,
+            resumes=(
+                RecentResumes(self.recent, self.tailer, self.authorizer, self.metrics)
+                if s.recent_events
+                else None
+            ),
         )
         self.http_api = HttpApi(
             verifier=self.services.verifier,
@@ -245,6 +259,7 @@ class Daemon:
                 await nursery.start(self.tailer.run)
                 await self._check_schema()
                 await nursery.start(self.scheduler.run)
+                await nursery.start(self.authorizer.run)
                 nursery.start_soon(self._sample_stats)
                 nursery.start_soon(self.hints.run)
                 await nursery.start(self.ws_server.serve)

@@ -50,6 +50,7 @@ from relay.server.admission import Admission
 from relay.server.hub import Fanout
 from relay.server.jwt import AuthError, TokenVerifier
 from relay.server.metrics import Metrics
+from relay.server.resumes import RecentResumes
 from relay.server.scheduler import Scheduler
 from relay.ws import encode_text_frame
 
@@ -108,6 +109,8 @@ class ConnectionServices:
     output_limits: OutputLimits
     stats: Stats
     metrics: Metrics
+    resumes: RecentResumes | None = None
+    """First reads from the recent rows (None: every read in SQL)."""
 
 
 class Connection:
@@ -247,7 +250,12 @@ class Connection:
             elif isinstance(action, ScheduleTick):
                 services.scheduler.schedule(self, action.at)
             elif isinstance(action, ReadCatchUp):
-                self._start(self._read_catch_up, action)
+                resumes = services.resumes
+                if resumes is not None and resumes.may_answer(action.query):
+                    # Marked now, right after the Follow that precedes it.
+                    self._start(self._read_recent, (action, resumes.mark()))
+                else:
+                    self._start(self._read_catch_up, action)
             elif isinstance(action, RecheckSubscriptions):
                 self._start(self._recheck, action)
             elif isinstance(action, VerifyToken):
@@ -315,24 +323,43 @@ class Connection:
                 if not tasks and self._tasks is tasks:
                     self._tasks = None
 
+    async def _read_recent(self, marked: tuple[ReadCatchUp, int]) -> None:
+        action, mark = marked
+        resumes = self.services.resumes
+        assert resumes is not None
+        try:
+            page = await resumes.read(claims_json(action.claims), action.query, mark)
+        except ReadFailed as exc:
+            self._read_failed(action, exc)
+            return
+        if page is None:
+            await self._read_catch_up(action)
+        elif not self.closing:
+            self._apply(
+                self.session.catch_up_read(action.subscription, action.query, page, self._now())
+            )
+
     async def _read_catch_up(self, action: ReadCatchUp) -> None:
         try:
             page = await self.services.reads.catch_up(claims_json(action.claims), action.query)
         except ReadFailed as exc:
-            log.warning(
-                "catch-up read failed",
-                connection_id=self.id,
-                org=str(action.query.org),
-                error=str(exc),
-            )
-            if not self.closing:
-                self._apply(
-                    self.session.catch_up_failed(action.subscription, action.query, self._now())
-                )
+            self._read_failed(action, exc)
             return
         if not self.closing:
             self._apply(
                 self.session.catch_up_read(action.subscription, action.query, page, self._now())
+            )
+
+    def _read_failed(self, action: ReadCatchUp, exc: ReadFailed) -> None:
+        log.warning(
+            "catch-up read failed",
+            connection_id=self.id,
+            org=str(action.query.org),
+            error=str(exc),
+        )
+        if not self.closing:
+            self._apply(
+                self.session.catch_up_failed(action.subscription, action.query, self._now())
             )
 
     async def _recheck(self, action: RecheckSubscriptions) -> None:

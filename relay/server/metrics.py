@@ -103,6 +103,11 @@ class Metrics:
             registry=r,
         )
         self.stats.on_catch_up = self.catch_up_seconds.observe
+        self.resumes_from_memory = Counter(
+            "pgrelay_subscribes_from_memory",
+            "Subscribes whose first read came from the recent rows, without a catch-up query",
+            registry=r,
+        )
         self.connections = Gauge("pgrelay_connections", "Open WebSocket connections", registry=r)
         self.subscriptions = Gauge("pgrelay_subscriptions", "Subscriptions", registry=r)
         self.events_read = Counter("pgrelay_events_read", "Rows read by the live tail", registry=r)

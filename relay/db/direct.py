@@ -1,88 +1,48 @@
-"""The tail's own connection, driven from trio without worker threads.
+"""A connection of its own, driven from trio without worker threads.
 
-A tail step is the hot path from a commit to the clients: a worker-thread hop
-each way, a pooled connection's health check and a separate ROLLBACK once
-cost more than the query itself. Here one dedicated connection runs in libpq's
-non-blocking mode: the step's statements go out as one simple-query string
-(one round trip), trio waits on the socket, and the results are parsed from
-text as they are. The ROLLBACK that ends a step's transaction is sent without
-waiting for it; its answer is read before the next step's query.
+The hot paths (a tail step, a batch of authorizations) cost more in a
+worker-thread hop each way, a pooled connection's health check and a separate
+ROLLBACK than in the query itself. Here one dedicated connection runs in
+libpq's non-blocking mode: the statements go out as one simple-query string
+(one round trip), trio waits on the socket, and the results are read as text.
+A trailing command (ROLLBACK) can be sent without waiting for it; its answer
+is read before the next query.
 
-Simple-query text with the values inlined is safe here: every value is an
-integer the tail computed itself (xids, ids, limits), formatted by `int`.
+Simple-query text has its values inlined: callers format integers with `int`
+and text with `quote_text` (an escape string literal, whatever
+standard_conforming_strings says; the connection's client_encoding is UTF8).
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import psycopg
 import trio
 import trio.lowlevel
 from psycopg import pq
 
-from relay.core.cursor import Snapshot
-from relay.core.protocol import EventRow
 from relay.db.pool import Conn
 
-__all__ = ["TailConnection", "step_sql"]
-
-_COLUMNS = (
-    "id, organization_id, event_type, entity_type, entity_id, actor_id, payload, created_at, "
-    "xid::text"
-)
+__all__ = ["DirectConnection", "quote_text"]
 
 
-def _xid_array(xids: Sequence[int]) -> str:
-    return "'{" + ",".join(str(int(x)) for x in xids) + "}'::xid8[]"
+def quote_text(text: str) -> str:
+    """`text` as an SQL escape string literal (E'...')."""
+    if "\x00" in text:
+        raise ValueError("text for Postgres cannot hold NUL")
+    return "E'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def step_sql(since: Snapshot, *, after_id: int, limit: int, begin: bool, with_epoch: bool) -> bytes:
-    """The statements of one tail read: with `begin`, the REPEATABLE READ
-    transaction and its snapshot (and the epoch) first; then one page of
-    `relay.tail_events` after `after_id`."""
-    page = (
-        f"SELECT {_COLUMNS} FROM relay.tail_events('{int(since.xmax)}'::xid8, "
-        f"{_xid_array(since.xip)}, {int(after_id)}, {int(limit)})"
-    )
-    if not begin:
-        return page.encode()
-    head = "SELECT pg_current_snapshot()::text" + (", relay.database_epoch()" if with_epoch else "")
-    return f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {head}; {page}".encode()
-
-
-def rows_of(result: pq.abc.PGresult) -> list[EventRow]:
-    """EventRows from a text-format result of `_COLUMNS`."""
-    rows = []
-    get = result.get_value
-    for i in range(result.ntuples):
-        actor = get(i, 5)
-        rows.append(
-            EventRow(
-                id=int(get(i, 0) or 0),
-                org=uuid.UUID((get(i, 1) or b"").decode()),
-                event_type=(get(i, 2) or b"").decode(),
-                entity_type=(get(i, 3) or b"").decode(),
-                entity_id=(get(i, 4) or b"").decode(),
-                actor_id=None if actor is None else actor.decode(),
-                payload_json=(get(i, 6) or b"{}").decode(),
-                created_at=(get(i, 7) or b"").decode(),
-                xid=int(get(i, 8) or 0),
-            )
-        )
-    return rows
-
-
-class TailConnection:
-    """One connection for the tail, used from the trio thread only."""
+class DirectConnection:
+    """One connection of its own, used from the trio thread only."""
 
     def __init__(self, connect: Callable[[], Conn]) -> None:
         """`connect` opens it (blocking; run in a worker thread)."""
         self._connect = connect
         self._conn: Conn | None = None
         self._owed = 0
-        """Results of commands sent without waiting (the step's ROLLBACK)."""
+        """Results of commands sent without waiting (a ROLLBACK)."""
 
     async def _pgconn(self) -> pq.abc.PGconn:
         if self._conn is None or self._conn.closed:
@@ -90,6 +50,11 @@ class TailConnection:
             conn.pgconn.nonblocking = 1
             self._conn, self._owed = conn, 0
         return self._conn.pgconn
+
+    @property
+    def connected(self) -> bool:
+        """Open (a failed query on a broken connection closed it)."""
+        return self._conn is not None and not self._conn.closed
 
     def close(self) -> None:
         """Drop the connection (the next query opens a new one)."""
