@@ -29,6 +29,25 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Collect the youngest generation every 50,000 net allocations instead of 700,
+#: the older ones every 20 and 100 of those. A daemon holds thousands of
+#: long-lived objects per thousand clients, and CPython's defaults walked them
+#: over and over during a reconnect storm: 10,000 resumes cost 0.83-0.85 ms of
+#: relay CPU each with the defaults, 0.55-0.61 ms with these (`make bench`,
+#: storm). Reference counting still frees everything that is not a cycle at once.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """For the daemon's process: fewer collections (GC_THRESHOLDS), and none that
+    walk what start-up made (imports, the pool): frozen out of the collector."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import structlog
     import trio
@@ -52,6 +71,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log.warning("deprecated setting", detail=message)
     try:
         daemon = Daemon(settings, notify=sdnotify.notify)
+        tune_gc()
         trio.run(daemon.run)
     except BaseException as exc:
         failure = leaf(exc, (ConfigError, PortUnavailable))

@@ -21,6 +21,8 @@ numeric time claims, JSON that Postgres can store).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import os
@@ -237,8 +239,15 @@ class _PublicKeyEntry:
     """The JWK's `alg` member: when present, the only algorithm for this key."""
 
 
+#: Verified tokens remembered (by their exact text, signature included) until
+#: they expire, so that a client that reconnects or refreshes with the same
+#: token is not verified again. Oldest first out beyond this many.
+VERIFIED_CACHE_SIZE: Final = 10_000
+
+
 class TokenVerifier:
-    """Verify tokens under one `AuthConfig`. Thread-safe; holds no mutable state.
+    """Verify tokens under one `AuthConfig`. Thread-safe (its one piece of state,
+    the cache of verified tokens, changes by single dict operations).
 
     Construction reads the key files and raises `ValueError` (naming the
     setting) when they are unreadable, hold private or weak keys, or do not
@@ -257,6 +266,18 @@ class TokenVerifier:
                     f"{SECRET_SETTING} looks like a PEM or SSH key; put public keys in "
                     f"{PUBLIC_KEY_FILE_SETTING} or {JWKS_FILE_SETTING}"
                 ) from None
+        # Prepared once (PyJWT prepares a raw secret again on every decode).
+        self._hmac_keys: Mapping[str, jwt.PyJWK] = (
+            {
+                algorithm: jwt.PyJWK(
+                    {"kty": "oct", "k": base64.urlsafe_b64encode(self._secret).decode()},
+                    algorithm=algorithm,
+                )
+                for algorithm in HMAC_MIN_SECRET_BYTES
+            }
+            if self._secret is not None
+            else {}
+        )
         self._keys: tuple[_PublicKeyEntry, ...] = ()
         self._uses_jwks = config.jwks_file is not None
         if config.public_key_file is not None:
@@ -267,6 +288,7 @@ class TokenVerifier:
             entry.kid: entry for entry in self._keys if entry.kid is not None
         }
         self.allowed_algorithms: Final[frozenset[str]] = self._resolve_algorithms()
+        self._verified: dict[str, VerifiedToken] = {}
 
     def _resolve_algorithms(self) -> frozenset[str]:
         key_setting = PUBLIC_KEY_FILE_SETTING if not self._uses_jwks else JWKS_FILE_SETTING
@@ -292,10 +314,21 @@ class TokenVerifier:
             raise AuthError("too_large")
         if not token.isascii():
             raise AuthError("malformed")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise AuthError("malformed") from None
+        known = self._verified.get(token)
+        if known is not None:
+            if time.time() < known.expires_at + self.config.leeway_s:
+                return known
+            self._verified.pop(token, None)
+            raise AuthError("expired")
+        verified = self._verify(token)
+        cache = self._verified
+        if len(cache) >= VERIFIED_CACHE_SIZE:
+            cache.pop(next(iter(cache)), None)
+        cache[token] = verified
+        return verified
+
+    def _verify(self, token: str) -> VerifiedToken:
+        header = _peek_header(token)
         algorithm = header.get("alg")
         if not isinstance(algorithm, str) or algorithm not in self.allowed_algorithms:
             raise AuthError("bad_algorithm")
@@ -321,10 +354,10 @@ class TokenVerifier:
             raise AuthError("malformed") from None
         return _build_verified(claims)
 
-    def _select_key(self, algorithm: str, kid: object) -> bytes | PublicKey:
+    def _select_key(self, algorithm: str, kid: object) -> jwt.PyJWK | PublicKey:
         if algorithm in HMAC_MIN_SECRET_BYTES:
             assert self._secret is not None  # allowed_algorithms guarantees it
-            return self._secret
+            return self._hmac_keys[algorithm]
         if kid is not None and not isinstance(kid, str):
             raise AuthError("malformed")
         entry: _PublicKeyEntry | None
@@ -340,6 +373,28 @@ class TokenVerifier:
         if not _key_fits(entry, algorithm):
             raise AuthError("bad_algorithm")
         return entry.key
+
+
+_B64URL_TO_B64 = bytes.maketrans(b"-_", b"+/")
+
+
+def _peek_header(token: str) -> dict[str, Any]:
+    """The JOSE header (unverified), to pick the key: strict base64url and a JSON
+    object, else `malformed`. PyJWT checks the whole token again when it
+    verifies; this only spares parsing it twice."""
+    head, dot, _ = token.partition(".")
+    if not dot or not head:
+        raise AuthError("malformed")
+    try:
+        data = binascii.a2b_base64(
+            head.encode().translate(_B64URL_TO_B64) + b"=" * (-len(head) % 4), strict_mode=True
+        )
+        header = json.loads(data)
+    except (binascii.Error, ValueError):
+        raise AuthError("malformed") from None
+    if not isinstance(header, dict):
+        raise AuthError("malformed")
+    return header
 
 
 def mint_token(

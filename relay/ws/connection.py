@@ -48,7 +48,7 @@ from relay.core.codes import UNSENDABLE_CLOSE_CODES, CloseCode
 from relay.ws.frames import encode_binary_frame, encode_text_frame
 from relay.ws.handshake import WsRequest
 from relay.ws.limits import WsLimits
-from relay.ws.sockets import close_socket, recv_some
+from relay.ws.sockets import close_socket, recv_ready, recv_some
 from relay.ws.writer import SendResult, SocketWriter
 
 __all__ = ["ConnectionGroup", "Handler", "SendResult", "WsConnection", "WsState"]
@@ -382,13 +382,7 @@ class WsConnection:
         with trio.CancelScope() as scope:
             self._read_scope = scope
             try:
-                while True:
-                    await trio.lowlevel.wait_readable(sock)
-                    try:
-                        data = sock.recv(self._limits.receive_chunk_bytes)
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    break
+                data = await recv_ready(sock, self._limits.receive_chunk_bytes)
             except trio.ClosedResourceError:
                 return False
             except OSError:

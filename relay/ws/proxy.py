@@ -132,6 +132,8 @@ class TrustedProxies:
 
     def trusts(self, address: str) -> bool:
         """Whether `address` is one of the trusted proxies."""
+        if not self._networks:
+            return False  # (the common case, for every connection: no parsing)
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:

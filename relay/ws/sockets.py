@@ -78,16 +78,34 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
         view = view[sent:]
 
 
+async def recv_ready(sock: socket.socket, max_bytes: int) -> bytes:
+    """The next bytes from `sock` (b"" at EOF). Tries first and waits only when
+    nothing is there: bytes that already arrived (a request right after the
+    accept, a message during a reconnect storm) cost no epoll registration.
+    A checkpoint either way. Raises OSError when the peer reset, and
+    trio.ClosedResourceError when the socket was closed here."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    waited = False
+    while True:
+        if sock.fileno() == -1:
+            raise trio.ClosedResourceError("the socket was closed")
+        try:
+            data = sock.recv(max_bytes)
+        except (BlockingIOError, InterruptedError):
+            await trio.lowlevel.wait_readable(sock)
+            waited = True
+            continue
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+
 async def recv_some(sock: socket.socket, max_bytes: int) -> bytes:
     """The next bytes from `sock`; b"" at EOF or when the peer reset."""
-    while True:
-        await trio.lowlevel.wait_readable(sock)
-        try:
-            return sock.recv(max_bytes)
-        except (BlockingIOError, InterruptedError):
-            continue
-        except OSError:
-            return b""
+    try:
+        return await recv_ready(sock, max_bytes)
+    except OSError:
+        return b""
 
 
 async def discard_until_eof(sock: socket.socket, chunk_bytes: int) -> None:

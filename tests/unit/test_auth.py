@@ -521,3 +521,37 @@ def test_jwks_alg_binds_the_key(
 def test_auth_error_reasons_are_closed() -> None:
     with pytest.raises(ValueError):
         AuthError("nope")  # type: ignore[arg-type]
+
+
+def test_a_verified_token_is_remembered_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    import relay.server.jwt as module
+
+    verifier = TokenVerifier(AuthConfig(secret=SECRET, leeway_s=0))
+    token = mint_token(SECRET, orgs=None, sub="u1", lifetime_s=60)
+    first = verifier.verify(token)
+    calls: list[str] = []
+    real = jwt.decode
+    monkeypatch.setattr(
+        module.jwt, "decode", lambda *a, **k: calls.append("decode") or real(*a, **k)
+    )
+    assert verifier.verify(token) is first and calls == []  # no second verification
+    # Another token with the same claims but a forged signature is not "the same".
+    head, body, _ = token.split(".")
+    with pytest.raises(AuthError) as forged:
+        verifier.verify(f"{head}.{body}.{base64.urlsafe_b64encode(b'x' * 32).decode().rstrip('=')}")
+    assert forged.value.reason == "bad_signature"
+    later = time.time() + 61
+    monkeypatch.setattr(module.time, "time", lambda: later)
+    with pytest.raises(AuthError) as expired:
+        verifier.verify(token)
+    assert expired.value.reason == "expired"
+
+
+def test_the_cache_of_verified_tokens_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import relay.server.jwt as module
+
+    monkeypatch.setattr(module, "VERIFIED_CACHE_SIZE", 10)
+    verifier = TokenVerifier(AuthConfig(secret=SECRET))
+    for i in range(25):
+        verifier.verify(mint_token(SECRET, orgs=None, sub=f"u{i}"))
+    assert len(verifier._verified) == 10
