@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from relay.errors import ConfigError, PortUnavailable, RelayError, leaf
 
@@ -34,12 +35,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
     from relay import config, logs
-    from relay.server import sdnotify
+    from relay.server import sdnotify, workers
     from relay.server.app import Daemon
 
     # Logging first, with defaults: a bad setting is reported like any other line.
     logs.configure()
     log = structlog.get_logger("pgrelay")
+    worker = os.environ.get(workers.WORKER_ENV)
+    if worker:  # started by `--workers N`'s supervisor, which checked the settings
+        return _exit_2_when_it_cannot_start(log, lambda: workers.worker_main(worker))
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     deprecated: list[str] = []
     try:
@@ -50,16 +54,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
     for message in deprecated:
         log.warning("deprecated setting", detail=message)
+    if settings.workers > 1:
+        return _exit_2_when_it_cannot_start(log, lambda: workers.supervise(settings))
+
+    def one_daemon() -> int:
+        trio.run(Daemon(settings, notify=sdnotify.notify).run)
+        return 0
+
+    return _exit_2_when_it_cannot_start(log, one_daemon)
+
+
+def _exit_2_when_it_cannot_start(log: Any, serve: Callable[[], int]) -> int:
+    """`serve()`, or exit status 2 and one log line when a setting or a port
+    stops the start (restarting cannot help)."""
     try:
-        daemon = Daemon(settings, notify=sdnotify.notify)
-        trio.run(daemon.run)
+        return serve()
     except BaseException as exc:
         failure = leaf(exc, (ConfigError, PortUnavailable))
         if failure is None:
             raise
         log.error("cannot start", error=str(failure), exit_status=2)
         return 2
-    return 0
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
