@@ -24,7 +24,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
 from tests.e2e.conftest import Client, RelayProcess, connect, start_relay
-from tests.e2e.test_operations import json_lines, spawn, wait_for
+from tests.e2e.test_operations import http_status, json_lines, spawn, stop_within, wait_for
 from tests.pgharness import BACKEND, DAEMON, Database
 
 ORG = uuid.UUID("00000000-0000-4000-8000-0000000000c1")
@@ -338,3 +338,18 @@ def test_a_port_in_use_is_one_line_and_exit_2(db: Database, tmp_path: Path, whic
         assert proc.wait(timeout=30) == 2
     (line,) = json_lines(tmp_path / "log")
     assert line["level"] == "error" and which in line["error"] and str(port) in line["error"]
+
+
+def test_sigterm_while_the_database_is_unreachable_exits_0_quickly(tmp_path: Path) -> None:
+    from relay.dev.embedded import free_port
+
+    dead = f"postgresql://{DAEMON}@127.0.0.1:{free_port()}/nowhere"
+    proc, admin = spawn({"PGRELAY_DATABASE_URL": dead, "PGRELAY_WORKERS": "2"}, tmp_path / "log")
+    try:
+        wait_for(
+            lambda: "listener cannot connect" in (tmp_path / "log").read_text(), 20, "a worker"
+        )
+        assert http_status(admin, "/readyz") == 503
+    finally:
+        code, took = stop_within(proc, 2.0)
+    assert code == 0 and took < 2.0, (code, took)
