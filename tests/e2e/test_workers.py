@@ -121,7 +121,10 @@ async def clients_on_every_worker(
 
 
 @pytest.fixture
-def two_workers(db: Database, tmp_path: Path) -> Iterator[RelayProcess]:
+def two_workers(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[RelayProcess]:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the metrics directory goes
     relay = start_relay(db, tmp_path, workers="2", shutdown_timeout_s="3")
     try:
         yield relay
@@ -297,6 +300,7 @@ async def test_sigterm_closes_every_client_with_1012_and_exits_0(
     drained = [ln.get("worker") for ln in lines if ln.get("event") == "clients closed"]
     assert sorted(drained) == [0, 1]
     assert lines[-1]["event"] == "stopped" and "worker" not in lines[-1]
+    assert not list(relay.log_path.parent.glob("pgrelay-metrics-*")), "metrics left behind"
 
 
 def test_workers_stop_when_the_supervisor_is_killed(two_workers: RelayProcess) -> None:
@@ -315,6 +319,7 @@ def test_workers_stop_when_the_supervisor_is_killed(two_workers: RelayProcess) -
         return True
 
     wait_for(gone, 10, "the workers to stop")
+    # (the metrics directory stays behind, in the test's TMPDIR: nobody was left to remove it)
     assert sum(ln.get("event") == "the supervisor is gone: stopping" for ln in relay.logs()) == 2
 
 
