@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from relay.errors import ConfigError, PortUnavailable, RelayError, leaf
 
@@ -29,36 +30,20 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Collect the youngest generation every 50,000 net allocations instead of 700,
-#: the older ones every 20 and 100 of those. A daemon holds thousands of
-#: long-lived objects per thousand clients, and CPython's defaults walked them
-#: over and over during a reconnect storm: 10,000 resumes cost 0.83-0.85 ms of
-#: relay CPU each with the defaults, 0.55-0.61 ms with these (`make bench`,
-#: storm). Reference counting still frees everything that is not a cycle at once.
-GC_THRESHOLDS = (50_000, 20, 100)
-
-
-def tune_gc() -> None:
-    """For the daemon's process: fewer collections (GC_THRESHOLDS), and none that
-    walk what start-up made (imports, the pool): frozen out of the collector."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     import structlog
     import trio
 
     from relay import config, logs
-    from relay.server import sdnotify
-    from relay.server.app import Daemon
+    from relay.server import sdnotify, workers
+    from relay.server.app import Daemon, tune_gc
 
     # Logging first, with defaults: a bad setting is reported like any other line.
     logs.configure()
     log = structlog.get_logger("pgrelay")
+    worker = os.environ.get(workers.WORKER_ENV)
+    if worker:  # started by `--workers N`'s supervisor, which checked the settings
+        return _exit_2_when_it_cannot_start(log, lambda: workers.worker_main(worker))
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     deprecated: list[str] = []
     try:
@@ -69,17 +54,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
     for message in deprecated:
         log.warning("deprecated setting", detail=message)
-    try:
+    if settings.workers > 1:
+        return _exit_2_when_it_cannot_start(log, lambda: workers.supervise(settings))
+
+    def one_daemon() -> int:
         daemon = Daemon(settings, notify=sdnotify.notify)
         tune_gc()
         trio.run(daemon.run)
+        return 0
+
+    return _exit_2_when_it_cannot_start(log, one_daemon)
+
+
+def _exit_2_when_it_cannot_start(log: Any, serve: Callable[[], int]) -> int:
+    """`serve()`, or exit status 2 and one log line when a setting or a port
+    stops the start (restarting cannot help)."""
+    try:
+        return serve()
     except BaseException as exc:
         failure = leaf(exc, (ConfigError, PortUnavailable))
         if failure is None:
             raise
         log.error("cannot start", error=str(failure), exit_status=2)
         return 2
-    return 0
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -52,6 +53,26 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError("must be at least 1")
+    return value
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, as taskset and cgroups set it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return usable_cores()
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a number nor auto") from None
+    if value < 1:
+        raise ValueError("must be at least 1, or auto")
     return value
 
 
@@ -128,6 +149,7 @@ class Settings:
     database_url: str = ""
     listen: HostPort = HostPort("127.0.0.1", 8765)
     admin_listen: HostPort = HostPort("127.0.0.1", 8766)
+    workers: int = 1
     jwt_secret: str | None = None
     jwt_public_key_file: str | None = None
     jwt_jwks_file: str | None = None
@@ -190,6 +212,11 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "database_url": (_text, "libpq URL or DSN of the database (else libpq's PG* variables)"),
     "listen": (parse_host_port, "WebSocket HOST:PORT"),
     "admin_listen": (parse_host_port, "admin HTTP HOST:PORT (/healthz, /readyz, /metrics)"),
+    "workers": (
+        _workers,
+        "processes serving the WebSocket port (SO_REUSEPORT), each with its own pool, LISTEN "
+        "and tail; auto: one per usable core",
+    ),
     "jwt_secret": (_text, "HS256 secret (at least 32 bytes)"),
     "jwt_public_key_file": (_text, "PEM file with the RS*/ES* public key"),
     "jwt_jwks_file": (_text, "JWKS file with RS*/ES* public keys, selected by kid"),
@@ -221,7 +248,8 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "pool_size": (
         _positive_int,
-        "pooled connections for catch-ups and authorization (plus one listener, one tail)",
+        "pooled connections for catch-ups and rechecks "
+        "(plus one each for the listener, the tail and batched authorization)",
     ),
     "max_connections": (_positive_int, "WebSocket connections in total"),
     "max_connections_per_ip": (_positive_int, "WebSocket connections per client IP"),

@@ -8,4 +8,5 @@
 - `jwt`: token verification (PyJWT).
 - `admin`: /healthz, /readyz, /metrics; `metrics`: the Prometheus registry.
 - `sdnotify`: systemd's READY/WATCHDOG notifications.
+- `workers`: `--workers N`, the supervisor and its worker processes on one port.
 """

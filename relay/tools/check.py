@@ -559,7 +559,8 @@ def _check_listen(conn: Conn, url: str) -> Iterator[Finding]:
             yield Finding(
                 "FAIL",
                 f"LISTEN/NOTIFY: a second connection failed: {str(exc).strip()}",
-                "the daemon needs several connections (PGRELAY_POOL_SIZE plus one): "
+                "the daemon needs PGRELAY_POOL_SIZE + 3 connections (per worker, with "
+                "PGRELAY_WORKERS): "
                 "check max_connections and the role's CONNECTION LIMIT",
             )
             return

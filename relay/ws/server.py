@@ -80,6 +80,7 @@ class WsServer:
         on_refused: RefusalHook | None = None,
         http_handler: HttpHandler | None = None,
         trusted_proxies: TrustedProxies | None = None,
+        reuse_port: bool = False,
     ) -> None:
         """`path`: the only path upgraded (others get 404). `allowed_origins`:
         when not empty, a request whose Origin header matches none of them gets
@@ -87,7 +88,8 @@ class WsServer:
         `on_request`: see `RequestHook`; `on_refused`: see `RefusalHook`.
         `http_handler`: answers every request that is not a WebSocket upgrade
         (without it they get 426/404). `trusted_proxies`: peers whose PROXY
-        protocol header or X-Forwarded-For names the client (`relay.ws.proxy`)."""
+        protocol header or X-Forwarded-For names the client (`relay.ws.proxy`).
+        `reuse_port`: listen with SO_REUSEPORT, beside other processes on the port."""
         self._handler = handler
         self._limits = limits or WsLimits()
         self._path = path
@@ -96,6 +98,7 @@ class WsServer:
         self._on_refused = on_refused
         self._http_handler = http_handler
         self._trusted = trusted_proxies or TrustedProxies()
+        self._reuse_port = reuse_port
         self._listener: socket.socket | None = None
         self._connections: set[WsConnection | HttpExchange] = set()
         self._group: ConnectionGroup | None = None
@@ -120,7 +123,9 @@ class WsServer:
         yet; returns the port. Raises OSError (EADDRINUSE...) at once, so that a
         daemon can fail before it does anything else."""
         if self._listener is None:
-            self._listener = await bind_listener(host, port, self._limits.accept_backlog)
+            self._listener = await bind_listener(
+                host, port, self._limits.accept_backlog, reuse_port=self._reuse_port
+            )
         return int(self._listener.getsockname()[1])
 
     async def serve(

@@ -34,8 +34,15 @@ ACCEPT_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 """accept() errors that concern only the one connection being accepted."""
 
 
-async def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
-    """A non-blocking listening TCP socket on the first address `host` resolves to."""
+async def bind_listener(
+    host: str, port: int, backlog: int, *, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
+    """A non-blocking listening TCP socket on the first address `host` resolves to.
+
+    `reuse_port`: with SO_REUSEPORT, so that several processes of one user each
+    listen on the same port and the kernel spreads new connections over them
+    (`pgrelay serve --workers`). `listen=False`: bound only; such a socket holds
+    the port against other users without ever receiving a connection."""
     infos = await trio.socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
@@ -45,10 +52,13 @@ async def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -17,6 +17,7 @@ executables point at a stub; everything else is the shipped text.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shlex
@@ -400,3 +401,97 @@ def test_daemon_notifies_systemd(
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_a_supervisor_of_two_workers_notifies_systemd_alone_and_once(
+    db: Database,
+    path_socket: tuple[socket.socket, dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    """`--workers 2`: one READY=1 once both workers serve, never again (not after a
+    worker's restart); WATCHDOG=1 only while every worker reports that it is alive
+    (none while one is frozen); STOPPING=1, exit 0. Every message from the main
+    pid: the workers never see NOTIFY_SOCKET."""
+    from relay.dev.embedded import free_port
+    from relay.server.workers import SILENT_S
+
+    sock, environ = path_socket
+    admin_port = free_port()
+    env = {
+        **os.environ,
+        **environ,
+        "WATCHDOG_USEC": "1000000",  # pet every 0.5 s
+        "PGRELAY_WORKERS": "2",
+        "PGRELAY_DATABASE_URL": db.dsn(DAEMON),
+        "PGRELAY_JWT_SECRET": JWT_SECRET,
+        "PGRELAY_LISTEN": f"127.0.0.1:{free_port()}",
+        "PGRELAY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+        "PGRELAY_LOG_FORMAT": "json",
+    }
+    env.pop("WATCHDOG_PID", None)
+    log_path = tmp_path / "relay.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve"],
+            env=env,
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    received: list[tuple[float, str]] = []
+
+    def listen(seconds: float) -> list[str]:
+        """Every message within `seconds`; each from the main pid."""
+        got = []
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data, pid = _receive_with_sender_pid(sock)
+            except TimeoutError:
+                break
+            assert pid == proc.pid, f"{data!r} came from pid {pid}, not the main pid"
+            for line in data.decode().splitlines():
+                got.append(line)
+                received.append((time.monotonic(), line))
+        return got
+
+    def until(line: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while line not in listen(min(0.5, deadline - time.monotonic())):
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-4000:]
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-4000:]
+
+    def worker_pid(number: int) -> int:
+        pids = [
+            line["pid"]
+            for line in map(json.loads, log_path.read_text().splitlines())
+            if line.get("event") == "worker started" and line["worker"] == number
+        ]
+        return int(pids[-1])
+
+    try:
+        until("READY=1", READY_TIMEOUT_S)
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=5) as resp:
+            assert resp.status == 200
+        until("WATCHDOG=1", 2)
+        frozen = worker_pid(0)
+        os.kill(frozen, signal.SIGSTOP)  # wedged: it stops reporting
+        try:
+            listen(SILENT_S + 0.5)
+            assert "WATCHDOG=1" not in listen(1.5), "petted while a worker was silent"
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        until("WATCHDOG=1", 2)
+        os.kill(worker_pid(1), signal.SIGKILL)
+        until("WATCHDOG=1", 10)  # once it is back
+        assert worker_pid(1) != frozen
+        proc.send_signal(signal.SIGTERM)
+        until("STOPPING=1", 10)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert [line for _, line in received].count("READY=1") == 1

@@ -116,3 +116,23 @@ def test_each_component_gets_its_limits_from_the_settings() -> None:
 def test_the_message_size_limit_is_bounded(value: str) -> None:
     with pytest.raises(ConfigError, match="PGRELAY_MAX_MESSAGE_BYTES"):
         load({}, SECRET | {"PGRELAY_MAX_MESSAGE_BYTES": value})
+
+
+def test_workers_default_to_one_and_auto_means_one_per_usable_core(tmp_path: Path) -> None:
+    import os
+
+    assert load({}, SECRET).workers == 1
+    assert load({}, SECRET | {"PGRELAY_WORKERS": "3"}).workers == 3
+    assert load({"workers": "auto"}, SECRET).workers == len(os.sched_getaffinity(0))
+    assert load({}, SECRET | {"PGRELAY_WORKERS": "AUTO"}).workers == len(os.sched_getaffinity(0))
+    toml = tmp_path / "pgrelay.toml"
+    toml.write_text("workers = 2\n")
+    assert load({}, SECRET, str(toml)).workers == 2
+    toml.write_text('workers = "auto"\n')
+    assert load({}, SECRET, str(toml)).workers == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many", "1.5"])
+def test_a_bad_number_of_workers_names_the_setting(value: str) -> None:
+    with pytest.raises(ConfigError, match="PGRELAY_WORKERS"):
+        load({}, SECRET | {"PGRELAY_WORKERS": value})
