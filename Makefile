@@ -25,7 +25,7 @@ $(STAMP):
 	  { echo "pgrelay needs Python >= 3.11 (found: $$($(PYTHON) --version))"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,lint]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,lint,bench]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

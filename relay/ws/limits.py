@@ -42,8 +42,11 @@ PONG_TIMEOUT_S = 10.0
 """A ping unanswered this long closes the connection with 1011."""
 CLOSE_TIMEOUT_S = 5.0
 """Bound on a graceful close: flushing, then reading until the peer's EOF."""
-ACCEPT_BACKLOG = 1024
-"""listen() backlog."""
+ACCEPT_BACKLOG = 4096
+"""listen() backlog (the kernel caps it at net.core.somaxconn)."""
+MAX_HANDSHAKES = 1000
+"""Upgrade requests read at once; more connections wait in the listen backlog,
+where they cost nothing and their handshake deadline has not started."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,8 @@ class WsLimits:
     """Bound on a graceful close."""
     accept_backlog: int = ACCEPT_BACKLOG
     """listen() backlog."""
+    max_handshakes: int = MAX_HANDSHAKES
+    """Connections accepted and not yet through their upgrade request, at most."""
 
     def __post_init__(self) -> None:
         for name in (

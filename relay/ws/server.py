@@ -104,6 +104,8 @@ class WsServer:
         self._group: ConnectionGroup | None = None
         self._port: int | None = None
         self._accept_scope: trio.CancelScope | None = None
+        self._handshakes = trio.Semaphore(1)
+        """Upgrade requests being read (see `_accept_loop`)."""
         self._stopping = False
         self._stop_deadline = math.inf
         self._stopped: trio.Event | None = None
@@ -185,9 +187,16 @@ class WsServer:
             await trio.lowlevel.checkpoint()
 
     async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        # An overloaded server (a reconnect storm) accepts no faster than it reads
+        # upgrade requests: the rest wait in the kernel's backlog rather than run
+        # out their handshake deadline here.
+        handshakes = self._handshakes = trio.Semaphore(self._limits.max_handshakes)
         while True:
             await trio.lowlevel.wait_readable(listener)
             for _ in range(ACCEPT_BATCH):
+                if not handshakes.value:
+                    await handshakes.acquire()
+                    handshakes.release()
                 try:
                     sock, address = listener.accept()
                 except (BlockingIOError, InterruptedError):
@@ -200,16 +209,20 @@ class WsServer:
                     if exc.errno in ACCEPT_SKIP_ERRNOS:
                         continue
                     raise
+                handshakes.acquire_nowait()
                 nursery.start_soon(self._handle_client, sock, address)
 
     async def _handle_client(self, sock: socket.socket, address: tuple[object, ...]) -> None:
         peer = (str(address[0]), int(str(address[1])))
         limits = self._limits
+        handshaking = True
         try:
             configure_accepted(sock, limits.send_buffer_bytes)
             outcome: tuple[WsRequest, bytes] | HttpExchange | WsReject | None = None
             with trio.move_on_after(limits.handshake_timeout_s):
                 outcome = await self._read_upgrade(sock, peer)
+            handshaking = False
+            self._handshakes.release()
             if outcome is None:
                 return  # the peer left or was too slow (slow-loris): just drop it
             if isinstance(outcome, HttpExchange):
@@ -233,6 +246,8 @@ class WsServer:
         except OSError as exc:  # the peer reset during the handshake
             _log.debug("ws_handshake_failed", peer=peer, error=str(exc))
         finally:
+            if handshaking:
+                self._handshakes.release()
             close_socket(sock)
 
     def _refusal(self, request: WsRequest) -> WsReject | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 import h11
@@ -236,3 +237,23 @@ def test_origin_patterns(origin: str, allowed: bool) -> None:
 def test_origin_patterns_that_cannot_match_are_refused(pattern: str) -> None:
     with pytest.raises(ValueError, match="not an origin"):
         OriginPolicy([pattern])
+
+
+async def test_handshakes_beyond_the_cap_wait_in_the_backlog_not_in_a_deadline() -> None:
+    """With two silent connections holding both handshake slots, a third client is
+    not accepted until a slot frees (a silent one times out), and its own
+    handshake deadline starts then: it upgrades instead of being dropped."""
+    limits = dataclasses.replace(FAST, max_handshakes=2, handshake_timeout_s=0.5)
+    async with serving(limits=limits) as served:
+        silent = [await RawClient.connect(served.port) for _ in range(2)]
+        await trio.sleep(0.1)
+        started = trio.current_time()
+        late = await RawClient.connect(served.port)  # the kernel completes the TCP handshake
+        await trio.sleep(0.3)  # ... then the request sits in the backlog, unread
+        with trio.fail_after(5):
+            await late.upgrade()
+        waited = trio.current_time() - started
+        assert 0.35 <= waited < 2.0, waited  # it waited for a slot, then got one
+        for client in silent:
+            client.close()
+        late.close()
