@@ -48,7 +48,7 @@ from relay.core.codes import UNSENDABLE_CLOSE_CODES, CloseCode
 from relay.ws.frames import encode_binary_frame, encode_text_frame
 from relay.ws.handshake import WsRequest
 from relay.ws.limits import WsLimits
-from relay.ws.sockets import close_socket, recv_ready, recv_some
+from relay.ws.sockets import close_socket, recv_now, recv_some
 from relay.ws.writer import SendResult, SocketWriter
 
 __all__ = ["ConnectionGroup", "Handler", "SendResult", "WsConnection", "WsState"]
@@ -382,7 +382,16 @@ class WsConnection:
         with trio.CancelScope() as scope:
             self._read_scope = scope
             try:
-                data = await recv_ready(sock, self._limits.receive_chunk_bytes)
+                # recv_ready inlined: an idle connection waits with one frame less.
+                chunk = self._limits.receive_chunk_bytes
+                await trio.lowlevel.checkpoint_if_cancelled()
+                got = recv_now(sock, chunk)
+                if got is not None:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                while got is None:
+                    await trio.lowlevel.wait_readable(sock)
+                    got = recv_now(sock, chunk)
+                data = got
             except trio.ClosedResourceError:
                 return False
             except OSError:

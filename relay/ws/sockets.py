@@ -88,26 +88,32 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
         view = view[sent:]
 
 
-async def recv_ready(sock: socket.socket, max_bytes: int) -> bytes:
-    """The next bytes from `sock` (b"" at EOF). Tries first and waits only when
-    nothing is there: bytes that already arrived (a request right after the
-    accept, a message during a reconnect storm) cost no epoll registration.
-    A checkpoint either way. Raises OSError when the peer reset, and
+def recv_now(sock: socket.socket, max_bytes: int) -> bytes | None:
+    """What already arrived on `sock` (b"" at EOF), or None when nothing did.
+    Readers try this before waiting on epoll: bytes that are already there (a
+    request right after the accept, messages during a reconnect storm) cost no
+    epoll registration. Raises OSError when the peer reset, and
     trio.ClosedResourceError when the socket was closed here."""
+    if sock.fileno() == -1:
+        raise trio.ClosedResourceError("the socket was closed")
+    try:
+        return sock.recv(max_bytes)
+    except (BlockingIOError, InterruptedError):
+        return None
+
+
+async def recv_ready(sock: socket.socket, max_bytes: int) -> bytes:
+    """The next bytes from `sock` (b"" at EOF), tried before waiting (`recv_now`);
+    a checkpoint either way."""
     await trio.lowlevel.checkpoint_if_cancelled()
-    waited = False
-    while True:
-        if sock.fileno() == -1:
-            raise trio.ClosedResourceError("the socket was closed")
-        try:
-            data = sock.recv(max_bytes)
-        except (BlockingIOError, InterruptedError):
-            await trio.lowlevel.wait_readable(sock)
-            waited = True
-            continue
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+    data = recv_now(sock, max_bytes)
+    if data is not None:
+        await trio.lowlevel.cancel_shielded_checkpoint()
         return data
+    while data is None:
+        await trio.lowlevel.wait_readable(sock)
+        data = recv_now(sock, max_bytes)
+    return data
 
 
 async def recv_some(sock: socket.socket, max_bytes: int) -> bytes:

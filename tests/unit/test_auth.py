@@ -534,7 +534,7 @@ def test_a_verified_token_is_remembered_until_it_expires(monkeypatch: pytest.Mon
     monkeypatch.setattr(
         module.jwt, "decode", lambda *a, **k: calls.append("decode") or real(*a, **k)
     )
-    assert verifier.verify(token) is first and calls == []  # no second verification
+    assert verifier.verify(token) == first and calls == []  # no second verification
     # Another token with the same claims but a forged signature is not "the same".
     head, body, _ = token.split(".")
     with pytest.raises(AuthError) as forged:
