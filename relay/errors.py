@@ -40,7 +40,16 @@ class DatabaseUnavailable(RelayError):
 
 
 class ReadFailed(RelayError):
-    """A read for a client could not be answered (the database failed or went away)."""
+    """A read for a client could not be answered (the database failed or went away).
+
+    `transient`: the connection failed (a restart, a failover, no pooled
+    connection in time), so the same read may well succeed in a moment. Not
+    transient: the database answered with an error (a missing grant, an
+    exception in relay.user_organizations(), a statement timeout)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def leaf(exc: BaseException, kinds: type[_E] | tuple[type[_E], ...]) -> _E | None:

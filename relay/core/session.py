@@ -509,6 +509,11 @@ class Session:
         error = encode_error(sub.ref, ErrorCode.INTERNAL, "could not subscribe; retry later")
         return self._drop(sub, error, now)
 
+    def wants(self, sub: Subscription, query: CatchUpQuery) -> bool:
+        """Whether an answer to `query` for `sub` would still be used (the shell
+        stops retrying a read nobody waits for)."""
+        return self._current(sub, query)
+
     def _current(self, sub: Subscription, query: CatchUpQuery) -> bool:
         return (
             self.state is not SessionState.CLOSED

@@ -56,12 +56,13 @@ class Answer:
 
 
 class _Ask:
-    __slots__ = ("answer", "done", "error")
+    __slots__ = ("answer", "done", "error", "transient")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.answer = Answer(False, None)
         self.error: str | None = None
+        self.transient = False
 
 
 class Authorizer:
@@ -90,7 +91,7 @@ class Authorizer:
             self._wake.set()
         await ask.done.wait()
         if ask.error is not None:
-            raise ReadFailed(ask.error)
+            raise ReadFailed(ask.error, transient=ask.transient)
         return ask.answer
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -136,9 +137,13 @@ class Authorizer:
                 await self._answer(batch[half:])
                 return
             error = str(exc).strip()
+            # Still without a connection after a new one was tried: the server is
+            # away (restarting), and asking again in a moment may succeed.
+            transient = not self.connection.connected
             log.warning("authorization failed", error=error, questions=len(batch))
             for _, ask in batch:
                 ask.error = error
+                ask.transient = transient
                 ask.done.set()
             return
         for (_, ask), answer in zip(batch, answers, strict=True):

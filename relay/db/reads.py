@@ -300,13 +300,23 @@ class SubscriberReads:
         try:
             return await self.db.run(read_catch_up, self.role, claims_json, query)
         except psycopg.Error as exc:
-            raise ReadFailed(str(exc).strip()) from exc
+            raise read_failed(exc) from exc
 
     async def authorized(self, claims_json: str, orgs: list[uuid.UUID]) -> set[uuid.UUID]:
         try:
             return await self.db.run(authorized_orgs, self.role, claims_json, orgs)
         except psycopg.Error as exc:
-            raise ReadFailed(str(exc).strip()) from exc
+            raise read_failed(exc) from exc
+
+
+def read_failed(exc: psycopg.Error) -> ReadFailed:
+    """`exc` as a ReadFailed; transient when the connection failed (an operational
+    error: a restart, a failover, a pool timeout), not when the database answered
+    with an error or cut a statement that ran too long."""
+    transient = isinstance(exc, psycopg.OperationalError) and not isinstance(
+        exc, psycopg.errors.QueryCanceled
+    )
+    return ReadFailed(str(exc).strip(), transient=transient)
 
 
 def short_epoch(raw: str) -> str:

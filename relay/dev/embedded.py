@@ -150,6 +150,22 @@ class EmbeddedPostgres:
         finally:
             self._remove()
 
+    def pause(self, mode: str = "fast") -> None:
+        """Stop the server but keep the cluster (fault tests); `unpause` starts it again."""
+        self._pg_ctl("stop", "-w", "-t", str(START_TIMEOUT_S), "-m", mode)
+
+    def unpause(self) -> None:
+        self._pg_ctl(
+            "start",
+            "-w",
+            "-t",
+            str(START_TIMEOUT_S),
+            "-l",
+            str(self.logfile),
+            "-o",
+            self._server_options(),
+        )
+
     def restart(self, mode: str = "fast") -> None:
         """Restart the server in place (fault tests): every connection drops."""
         self._pg_ctl(

@@ -17,6 +17,7 @@ its own beyond the reader.
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -59,6 +60,15 @@ __all__ = ["Connection", "ConnectionServices", "Reads"]
 log = structlog.get_logger("pgrelay.connection")
 
 _A = TypeVar("_A")
+_T = TypeVar("_T")
+
+#: A subscription's read that failed for want of a connection (Postgres restarting,
+#: a failover, no pooled connection in time) is tried again, with jittered backoff
+#: from READ_RETRY_FIRST_S up to READ_RETRY_MAX_S, for this long; only then does the
+#: client get `error` `internal`. A brief outage costs a subscribe a wait, not an error.
+READ_RETRY_S = 10.0
+READ_RETRY_FIRST_S = 0.1
+READ_RETRY_MAX_S = 2.0
 
 
 class Channel(Protocol):
@@ -327,8 +337,9 @@ class Connection:
         action, mark = marked
         resumes = self.services.resumes
         assert resumes is not None
+        claims = claims_json(action.claims)
         try:
-            page = await resumes.read(claims_json(action.claims), action.query, mark)
+            page = await self._retrying(action, lambda: resumes.read(claims, action.query, mark))
         except ReadFailed as exc:
             self._read_failed(action, exc)
             return
@@ -340,8 +351,9 @@ class Connection:
             )
 
     async def _read_catch_up(self, action: ReadCatchUp) -> None:
+        reads, claims = self.services.reads, claims_json(action.claims)
         try:
-            page = await self.services.reads.catch_up(claims_json(action.claims), action.query)
+            page = await self._retrying(action, lambda: reads.catch_up(claims, action.query))
         except ReadFailed as exc:
             self._read_failed(action, exc)
             return
@@ -349,6 +361,27 @@ class Connection:
             self._apply(
                 self.session.catch_up_read(action.subscription, action.query, page, self._now())
             )
+
+    async def _retrying(self, action: ReadCatchUp, read: Callable[[], Awaitable[_T]]) -> _T:
+        """`read()`, tried again while it fails transiently, for READ_RETRY_S, as
+        long as the session still wants its answer."""
+        deadline = trio.current_time() + READ_RETRY_S
+        delay = READ_RETRY_FIRST_S
+        while True:
+            try:
+                return await read()
+            except ReadFailed as exc:
+                if (
+                    not exc.transient
+                    or self.closing
+                    or trio.current_time() + delay > deadline
+                    or not self.session.wants(action.subscription, action.query)
+                ):
+                    raise
+                log.debug("read failed; retrying", connection_id=self.id, error=str(exc))
+            # Jittered: a restart fails many subscribes at once; their retries spread.
+            await trio.sleep(random.uniform(delay / 2, delay))
+            delay = min(2 * delay, READ_RETRY_MAX_S)
 
     def _read_failed(self, action: ReadCatchUp, exc: ReadFailed) -> None:
         log.warning(

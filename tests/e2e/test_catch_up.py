@@ -21,7 +21,7 @@ import trio
 
 from relay.core.cursor import Cursor, decode_cursor
 from tests.e2e.conftest import Client, RelayProcess, connect, start_relay
-from tests.pgharness import BACKEND, Database
+from tests.pgharness import BACKEND, Database, Server
 
 ORG = uuid.UUID("00000000-0000-4000-8000-0000000000c1")
 #: Enough padding that 700 events make the issue's ~280 KB of frames.
@@ -71,7 +71,9 @@ async def fresh_cursor(relay: RelayProcess, org: uuid.UUID) -> str:
     async with connect(relay.ws_url) as ws:
         c = Client(ws)
         await c.auth(relay.token([org]))
-        return str((await c.subscribe(org))[-1]["cursor"])
+        frames = await c.subscribe(org)
+        assert frames[-1]["type"] == "subscribed", frames
+        return str(frames[-1]["cursor"])
 
 
 async def resume_until_subscribed(
@@ -337,5 +339,97 @@ async def test_without_recent_events_every_resume_reads_sql(db: Database, tmp_pa
             ids, _ = await resume_until_subscribed(c, ORG, cursor, timeout_s=10)
         assert ids == missed
         assert metric(relay, "pgrelay_subscribes_from_memory_total") == 0
+    finally:
+        relay.terminate()
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("recent_events", ["20000", "0"], ids=["from-memory", "from-sql"])
+async def test_resumes_while_postgres_is_down_wait_for_it_then_replay_exactly(
+    fault_server: tuple[Server, Database], tmp_path: Path, recent_events: str
+) -> None:
+    """Postgres goes away for two seconds (a restart, a failover) just as 30 phones
+    come back with 1,500 missed events each: every resume waits for the database,
+    then replays exactly what the table says it missed. None gets an `error`."""
+    server, db = fault_server
+    cluster = server.cluster
+    assert cluster is not None
+    relay = start_relay(db, tmp_path, recent_events=recent_events)
+    try:
+        cursor = await fresh_cursor(relay, ORG)
+        emit_many(db, ORG, 1500, per_txn=50)
+        expected = owed(db, ORG, cursor)
+        assert len(expected) == 1500
+        authed = 0
+        all_authed, database_down = trio.Event(), trio.Event()
+        results: dict[int, tuple[list[int], dict[str, Any]]] = {}
+
+        async def phone(n: int) -> None:
+            nonlocal authed
+            async with connect(relay.ws_url) as ws:
+                c = Client(ws)
+                await c.auth(relay.token([ORG], sub=f"phone-{n}"))
+                authed += 1
+                if authed == 30:
+                    all_authed.set()
+                await database_down.wait()
+                results[n] = await resume_until_subscribed(c, ORG, cursor, timeout_s=60)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(30):
+                nursery.start_soon(phone, n)
+            with trio.fail_after(10):
+                await all_authed.wait()
+            await trio.to_thread.run_sync(cluster.pause)
+            database_down.set()
+            await trio.sleep(2)
+            await trio.to_thread.run_sync(cluster.unpause)
+        assert sorted(results) == list(range(30))
+        for n, (ids, subscribed) in results.items():
+            assert ids == expected, f"phone {n}"
+            assert subscribed["replayed"] == 1500
+    finally:
+        relay.terminate()
+
+
+@pytest.mark.parametrize("recent_events", ["20000", "0"], ids=["from-memory", "from-sql"])
+async def test_a_subscribe_the_database_refuses_fails_at_once(
+    db: Database, tmp_path: Path, recent_events: str
+) -> None:
+    """Only a failed connection is worth waiting for: when the DBA's
+    relay.user_organizations() raises for a user, that user's subscribe ends
+    with `error` `internal` at once, and other users are served."""
+    with db.connect() as owner:
+        owner.execute(
+            """
+            CREATE OR REPLACE FUNCTION relay.user_organizations() RETURNS SETOF uuid
+                LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+            AS $$
+            DECLARE claims jsonb := current_setting('request.jwt.claims', true)::jsonb;
+            BEGIN
+                IF claims ->> 'sub' = 'broken' THEN
+                    RAISE EXCEPTION 'no such user';
+                END IF;
+                RETURN QUERY SELECT (claims ->> 'org_id')::uuid;
+            END
+            $$
+            """
+        )
+    relay = start_relay(db, tmp_path, recent_events=recent_events)
+    try:
+        cursor = await fresh_cursor(relay, ORG)
+        missed = emit_many(db, ORG, 3)
+        async with connect(relay.ws_url) as ws:
+            c = Client(ws)
+            await c.auth(relay.token([ORG], sub="broken"))
+            with trio.fail_after(2):
+                await c.send({"type": "subscribe", "ref": "r", "org": str(ORG), "cursor": cursor})
+                error = await c.expect("error")
+            assert (error["ref"], error["code"]) == ("r", "internal")
+        async with connect(relay.ws_url) as ws:
+            c = Client(ws)
+            await c.auth(relay.token([ORG]))
+            ids, _ = await resume_until_subscribed(c, ORG, cursor, timeout_s=10)
+        assert ids == missed
     finally:
         relay.terminate()
