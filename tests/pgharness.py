@@ -157,6 +157,32 @@ class Database:
             assert row is not None
             return row[0]  # type: ignore[no-any-return]
 
+    # -- the DBA's hook ------------------------------------------------------------
+    def user_organizations_raise_for(self, sub: str) -> None:
+        """Replace relay.user_organizations() with one that raises 'no such user' for
+        claims with this `sub` and otherwise reads claims org_id/org_ids."""
+        with self.connect() as owner:
+            owner.execute(
+                sql.SQL(
+                    """
+                    CREATE OR REPLACE FUNCTION relay.user_organizations() RETURNS SETOF uuid
+                        LANGUAGE plpgsql STABLE SECURITY DEFINER
+                        SET search_path = pg_catalog, pg_temp
+                    AS $$
+                    DECLARE claims jsonb := current_setting('request.jwt.claims', true)::jsonb;
+                    BEGIN
+                        IF claims ->> 'sub' = {sub} THEN
+                            RAISE EXCEPTION 'no such user';
+                        END IF;
+                        RETURN QUERY SELECT (e #>> '{{}}')::uuid FROM jsonb_array_elements(
+                            coalesce(claims -> 'org_ids', jsonb_build_array(claims -> 'org_id'))
+                        ) AS e;
+                    END
+                    $$
+                    """
+                ).format(sub=sql.Literal(sub))
+            )
+
     # -- a subscriber, the way the daemon reads for a client ------------------
     @contextlib.contextmanager
     def as_subscriber(

@@ -125,16 +125,7 @@ class EmbeddedPostgres:
     def start(self) -> EmbeddedPostgres:
         try:
             self._initdb()
-            self._pg_ctl(
-                "start",
-                "-w",
-                "-t",
-                str(START_TIMEOUT_S),
-                "-l",
-                str(self.logfile),
-                "-o",
-                self._server_options(),
-            )
+            self.unpause()
         except BaseException:
             self._remove()
             raise
@@ -155,6 +146,7 @@ class EmbeddedPostgres:
         self._pg_ctl("stop", "-w", "-t", str(START_TIMEOUT_S), "-m", mode)
 
     def unpause(self) -> None:
+        """Start the server of an initialised cluster."""
         self._pg_ctl(
             "start",
             "-w",

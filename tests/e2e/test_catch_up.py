@@ -399,22 +399,7 @@ async def test_a_subscribe_the_database_refuses_fails_at_once(
     """Only a failed connection is worth waiting for: when the DBA's
     relay.user_organizations() raises for a user, that user's subscribe ends
     with `error` `internal` at once, and other users are served."""
-    with db.connect() as owner:
-        owner.execute(
-            """
-            CREATE OR REPLACE FUNCTION relay.user_organizations() RETURNS SETOF uuid
-                LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-            AS $$
-            DECLARE claims jsonb := current_setting('request.jwt.claims', true)::jsonb;
-            BEGIN
-                IF claims ->> 'sub' = 'broken' THEN
-                    RAISE EXCEPTION 'no such user';
-                END IF;
-                RETURN QUERY SELECT (claims ->> 'org_id')::uuid;
-            END
-            $$
-            """
-        )
+    db.user_organizations_raise_for("broken")
     relay = start_relay(db, tmp_path, recent_events=recent_events)
     try:
         cursor = await fresh_cursor(relay, ORG)

@@ -71,23 +71,7 @@ async def test_equal_questions_are_asked_once(db: Database) -> None:
 
 
 async def test_a_question_that_makes_the_function_raise_fails_alone(db: Database) -> None:
-    with db.connect() as owner:
-        owner.execute(
-            """
-            CREATE OR REPLACE FUNCTION relay.user_organizations() RETURNS SETOF uuid
-                LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-            AS $$
-            DECLARE claims jsonb := current_setting('request.jwt.claims', true)::jsonb;
-            BEGIN
-                IF claims ->> 'sub' = 'evil' THEN
-                    RAISE EXCEPTION 'no such user';
-                END IF;
-                RETURN QUERY SELECT (e #>> '{}')::uuid
-                    FROM jsonb_array_elements(claims -> 'org_ids') AS e;
-            END
-            $$
-            """
-        )
+    db.user_organizations_raise_for("evil")
     questions = [(claims(ORG_A, sub=f"u{i}"), ORG_A) for i in range(40)]
     questions[17] = (claims(ORG_A, sub="evil"), ORG_A)
     # Quotes and backslashes in claims reach Postgres intact.
