@@ -334,21 +334,19 @@ JWT_SECRET = "systemd-test-secret-" + "s" * 40
 READY_TIMEOUT_S = 30
 
 
-def test_daemon_notifies_systemd(
-    db: Database,
-    path_socket: tuple[socket.socket, dict[str, str]],
-    tmp_path: Path,
-) -> None:
-    """READY=1 once serving, WATCHDOG=1 every half period, STOPPING=1 on SIGTERM,
-    exit 0; every message from the main pid (NotifyAccess=main)."""
+def _serve_under_systemd(
+    db: Database, environ: dict[str, str], tmp_path: Path, **settings: str
+) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """`pgrelay serve` with systemd's notify environment `environ` and a 1 s
+    watchdog (pet every 0.5 s): the process, its log file and its admin port."""
     from relay.dev.embedded import free_port
 
-    sock, environ = path_socket
     admin_port = free_port()
     env = {
         **os.environ,
         **environ,
-        "WATCHDOG_USEC": "1000000",  # pet every 0.5 s
+        "WATCHDOG_USEC": "1000000",
+        **settings,
         "PGRELAY_DATABASE_URL": db.dsn(DAEMON),
         "PGRELAY_JWT_SECRET": JWT_SECRET,
         "PGRELAY_LISTEN": f"127.0.0.1:{free_port()}",
@@ -366,6 +364,19 @@ def test_daemon_notifies_systemd(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+    return proc, log_path, admin_port
+
+
+def test_daemon_notifies_systemd(
+    db: Database,
+    path_socket: tuple[socket.socket, dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    """READY=1 once serving, WATCHDOG=1 every half period, STOPPING=1 on SIGTERM,
+    exit 0; every message from the main pid (NotifyAccess=main)."""
+
+    sock, environ = path_socket
+    proc, log_path, admin_port = _serve_under_systemd(db, environ, tmp_path)
     messages: list[str] = []
 
     def wait_for(line: str, timeout_s: float) -> None:
@@ -412,33 +423,10 @@ def test_a_supervisor_of_two_workers_notifies_systemd_alone_and_once(
     worker's restart); WATCHDOG=1 only while every worker reports that it is alive
     (none while one is frozen); STOPPING=1, exit 0. Every message from the main
     pid: the workers never see NOTIFY_SOCKET."""
-    from relay.dev.embedded import free_port
     from relay.server.workers import SILENT_S
 
     sock, environ = path_socket
-    admin_port = free_port()
-    env = {
-        **os.environ,
-        **environ,
-        "WATCHDOG_USEC": "1000000",  # pet every 0.5 s
-        "PGRELAY_WORKERS": "2",
-        "PGRELAY_DATABASE_URL": db.dsn(DAEMON),
-        "PGRELAY_JWT_SECRET": JWT_SECRET,
-        "PGRELAY_LISTEN": f"127.0.0.1:{free_port()}",
-        "PGRELAY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
-        "PGRELAY_LOG_FORMAT": "json",
-    }
-    env.pop("WATCHDOG_PID", None)
-    log_path = tmp_path / "relay.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve"],
-            env=env,
-            cwd=REPO,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    proc, log_path, admin_port = _serve_under_systemd(db, environ, tmp_path, PGRELAY_WORKERS="2")
     received: list[tuple[float, str]] = []
 
     def listen(seconds: float) -> list[str]:
